@@ -1,0 +1,98 @@
+"""The one registry of explainers.
+
+Every explainer registers itself with :func:`register` under its canonical snake_case
+name. Registering a name twice raises instead of silently replacing the first method.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from trustmap.core.base import Explainer
+
+_REGISTRY: dict[str, type[Explainer]] = {}
+
+FAMILIES = ("gradient", "cam", "perturbation", "relevance", "counterfactual")
+
+E = TypeVar("E", bound="type[Explainer]")
+
+
+def register(
+    name: str,
+    *,
+    family: str,
+    summary: str,
+    paper: str,
+    output: str = "input",
+) -> Callable[[E], E]:
+    """Class decorator that registers an explainer under ``name``.
+
+    Parameters
+    ----------
+    name:
+        Canonical snake_case method name used by :func:`trustmap.explain`.
+    family:
+        One of :data:`FAMILIES`.
+    summary:
+        One line for ``trustmap methods``.
+    paper:
+        Short citation of the paper that defines the method.
+    output:
+        ``"input"`` when the map has the input's shape ``(B, C, *spatial)``,
+        ``"single"`` when it is one channel ``(B, 1, *spatial)`` (CAM methods).
+    """
+    if not name.isidentifier() or name.lower() != name:
+        raise ValueError(f"method name {name!r} must be snake_case")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if output not in ("input", "single"):
+        raise ValueError(f"output must be 'input' or 'single', got {output!r}")
+
+    def decorator(cls: E) -> E:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"explainer {name!r} is already registered by {_REGISTRY[name].__qualname__}"
+            )
+        cls.name = name
+        cls.family = family
+        cls.summary = summary
+        cls.paper = paper
+        cls.output = output
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_methods() -> list[str]:
+    """Names of all registered explainers, sorted."""
+    _ensure_methods_imported()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Explainer]:
+    """The explainer class registered under ``name``.
+
+    Raises
+    ------
+    ValueError
+        If no method has that name; the message suggests the closest names.
+    """
+    _ensure_methods_imported()
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown method {name!r}{hint} (see trustmap.list_methods())")
+
+
+def _ensure_methods_imported() -> None:
+    # The methods package registers everything on import; importing it here lets
+    # ``trustmap.core`` be used on its own without a circular import at load time.
+    import trustmap.methods  # noqa: F401

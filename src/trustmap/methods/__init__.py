@@ -1,0 +1,3 @@
+"""Every explainer family; importing this package registers all methods."""
+
+from trustmap.methods import cam, gradient  # noqa: F401

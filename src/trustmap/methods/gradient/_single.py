@@ -1,0 +1,23 @@
+"""One forward and one backward pass on x: shared by the plain gradient methods."""
+
+from __future__ import annotations
+
+import torch
+
+from trustmap.core.base import Explainer
+from trustmap.core.targets import Target, TargetSpec, resolve_target
+
+
+def gradient_at_input(
+    explainer: Explainer, x: torch.Tensor, target: TargetSpec | Target
+) -> tuple[torch.Tensor, torch.Tensor, Target]:
+    """``(d score / d x, output, resolved target)`` from a single pass.
+
+    The target is resolved on the same forward pass that is differentiated, so a plain
+    gradient costs exactly one forward and one backward pass.
+    """
+    xg = x.detach().requires_grad_(True)
+    output = explainer.forward(xg)
+    resolved = resolve_target(target, output)
+    (grad,) = torch.autograd.grad(resolved.scores(output).sum(), xg)
+    return grad, output.detach(), resolved
