@@ -83,6 +83,10 @@ class Explainer:
         """
         raise NotImplementedError
 
+    def output_kind(self) -> str:
+        """``"input"`` or ``"single"``; wrappers report their base method's kind."""
+        return self.output
+
     # -- helpers ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model and check that it returned one finite row per sample."""
@@ -106,7 +110,7 @@ class Explainer:
             with torch.no_grad():
                 output = self.forward(x)
         b, c, *spatial = x.shape
-        expected = (b, c, *spatial) if self.output == "input" else (b, 1, *spatial)
+        expected = (b, c, *spatial) if self.output_kind() == "input" else (b, 1, *spatial)
         if tuple(attributions.shape) != expected:
             raise RuntimeError(
                 f"{self.name} produced shape {tuple(attributions.shape)}, expected {expected}"

@@ -205,3 +205,20 @@ def _resolve_region(target: TargetSpec, output: torch.Tensor) -> Target:
         if bool(empty.any()):
             raise ValueError(f"region_mask is empty for samples {empty.nonzero().flatten().tolist()}")
     return Target(kind="region", classes=classes, region=region.contiguous(), batch=b)
+
+
+def take(target: Target, rows: torch.Tensor) -> Target:
+    """The target for a batch whose row ``i`` is a copy of original sample ``rows[i]``."""
+    if target.kind == "callable":
+        return Target(kind="callable", fn=target.fn, batch=int(rows.numel()))
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows.to(t.device)]
+
+    return Target(
+        kind=target.kind,
+        classes=pick(target.classes),
+        signs=pick(target.signs),
+        region=pick(target.region),
+        fn=target.fn,
+        batch=int(rows.numel()),
+    )

@@ -6,5 +6,8 @@ from trustmap.methods.gradient import (  # noqa: F401
     gradient,
     guided_backprop,
     input_x_gradient,
+    integrated_gradients,
     saliency,
+    smooth_ig,
+    smoothgrad,
 )
