@@ -1,0 +1,91 @@
+"""The contract every registered method keeps, in 2D and 3D, batch 1 and 3."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import trustmap
+from tests.conftest import assert_no_hooks, make_input, make_tiny
+
+# Cheap settings for the multi-pass methods; the contract is the same at any setting.
+FAST = {
+    "integrated_gradients": {"n_steps": 4},
+    "smoothgrad": {"n_samples": 3},
+    "smooth_ig": {"n_samples": 2, "n_steps": 3},
+    "xrai": {"n_steps": 3},
+}
+
+
+def params_for(name: str) -> dict:
+    params = dict(FAST.get(name, {}))
+    if "seed" in inspect.signature(trustmap.get_method(name).__init__).parameters:
+        params["seed"] = 0
+    return params
+
+
+METHODS = trustmap.list_methods()
+CASES = [(n, d, b) for n in METHODS for d in (2, 3) for b in (1, 3)]
+
+
+@pytest.mark.parametrize(("name", "dims", "batch"), CASES)
+def test_contract(name: str, dims: int, batch: int) -> None:
+    model = make_tiny(dims, in_channels=2)
+    model.train()  # the caller's mode must survive the call
+    x = make_input(dims, batch, channels=2)
+    x_before = x.clone()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads_before = [p.requires_grad for p in model.parameters()]
+    cls = trustmap.get_method(name)
+
+    first = cls(model, **params_for(name)).explain(x)
+    second = cls(model, **params_for(name)).explain(x)
+
+    out_channels = 2 if cls.output == "input" else 1
+    assert first.attributions.shape == (batch, out_channels, *x.shape[2:])
+    assert torch.isfinite(first.attributions).all()
+    assert first.attributions.dtype == x.dtype
+    assert first.method == name
+    assert torch.equal(first.attributions, second.attributions), "not deterministic under a seed"
+    assert first.output.shape == (batch, 3)
+    assert torch.equal(first.target, first.output.argmax(1))
+    assert_no_hooks(model)
+    assert torch.equal(x, x_before), "input was mutated"
+    assert all(m.training for m in model.modules()), "training flag not restored"
+    assert [p.requires_grad for p in model.parameters()] == grads_before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_before[key]), f"model state {key} changed"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_no_hooks_after_failure(name: str, dims: int) -> None:
+    model = make_tiny(dims)
+    model.train()
+    x = make_input(dims, 2)
+
+    def exploding_target(output: torch.Tensor) -> torch.Tensor:
+        raise Boom("forced failure inside the explainer")
+
+    with pytest.raises((Boom, ValueError)):
+        trustmap.explain(model, x, name, target=exploding_target, **params_for(name))
+    assert_no_hooks(model)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_float64_and_target_kinds(name: str) -> None:
+    model = make_tiny(2, n_classes=3).double()
+    x = make_input(2, 2, dtype=torch.float64)
+    params = params_for(name)
+    by_int = trustmap.get_method(name)(model, **params).explain(x, target=2)
+    assert by_int.attributions.dtype == torch.float64
+    assert torch.equal(by_int.target, torch.tensor([2, 2]))
+    per_sample = trustmap.get_method(name)(model, **params).explain(x, target=torch.tensor([2, 2]))
+    assert torch.allclose(by_int.attributions, per_sample.attributions)
