@@ -25,9 +25,7 @@ from trustmap.core.validation import positive_int
 
 # The default layer of a model, per spatial rank. Weak keys: the cache never keeps a
 # model alive and nothing is stored on the model itself.
-_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = (
-    weakref.WeakKeyDictionary()
-)
+_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 def default_layer(model: nn.Module, x: torch.Tensor) -> str:
