@@ -23,7 +23,7 @@ def check_input(x: object) -> torch.Tensor:
             f"{tuple(x.shape)}. Add the batch and channel axes, e.g. x[None, None]"
         )
     if not x.is_floating_point():
-        raise TypeError(f"x must be float32 or float64, got {x.dtype}; use x.float()")
+        raise TypeError(f"x must be float32 or float64, got {_name(x.dtype)}; use x.float()")
     if x.numel() == 0:
         raise ValueError(f"x is empty: shape {tuple(x.shape)}")
     finite = torch.isfinite(x)
@@ -35,7 +35,10 @@ def check_input(x: object) -> torch.Tensor:
 
 
 def check_model_matches(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise if ``x`` and the model's parameters disagree on device or dtype."""
+    """Raise if ``model`` is not a module, or ``x`` and its parameters disagree on device
+    or dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     param = next(iter(model.parameters()), None)
     if param is None:
         return
@@ -46,7 +49,8 @@ def check_model_matches(model: nn.Module, x: torch.Tensor) -> None:
         )
     if param.is_floating_point() and param.dtype != x.dtype:
         raise TypeError(
-            f"x is {x.dtype} but the model's parameters are {param.dtype}; convert one of "
+            f"x is {_name(x.dtype)} but the model's parameters are {_name(param.dtype)}; "
+            "convert one of "
             "them (x.to(dtype) or model.to(dtype))"
         )
 
@@ -78,3 +82,7 @@ def choice(name: str, value: object, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

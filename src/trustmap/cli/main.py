@@ -1,0 +1,182 @@
+"""``trustmap`` command line (typer). Commands parse, call the public API and print."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Explain medical-image classifiers and test whether the explanations can be trusted.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Turn the library's input errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods with a one-line description and their paper."""
+    from trustmap.core.registry import get_method, list_methods
+
+    table = Table(title="trustmap methods")
+    for column in ("method", "family", "output", "what it computes", "paper"):
+        table.add_column(column, overflow="fold")
+    for name in list_methods():
+        cls = get_method(name)
+        out = "x's shape" if cls.output == "input" else "(B, 1, *spatial)"
+        table.add_row(name, cls.family, out, cls.summary, cls.paper)
+    console.print(table)
+
+
+def _parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``name=value`` applies to every method; ``method.name=value`` to one."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r} must look like name=value or method.name=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        method, dot, name = key.rpartition(".")
+        for m in [method] if dot else methods:
+            if m not in out:
+                raise ValueError(f"--param {item!r} names method {m!r}, which is not requested")
+            out[m][name] = value
+    return out
+
+
+@app.command()
+@friendly_errors
+def explain(
+    model: Annotated[str, typer.Option(help="TorchScript file or package.module:factory")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="DICOM, NIfTI, PNG/JPEG or NPY")],
+    method: Annotated[str, typer.Option(help="method name(s), comma-separated, or 'all'")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    target: Annotated[str, typer.Option(help="class index, or 'predicted'")] = "predicted",
+    weights: Annotated[Path | None, typer.Option(help="state dict for a factory model")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="name=value or method.name=value")
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option(help="DICOM window: lung, mediastinum, bone, brain, dicom")
+    ] = None,
+    size: Annotated[int | None, typer.Option(help="resize the image to this size")] = None,
+    normalize: Annotated[str, typer.Option(help="none, minmax or zscore")] = "none",
+    channels: Annotated[int, typer.Option(help="channels the model expects")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="skip methods already written in --out")] = False,
+) -> None:
+    """Explain one image with one or more methods; write maps, overlays and summary.json."""
+    from trustmap.core.registry import list_methods
+    from trustmap.data.io import load
+    from trustmap.run import explain_image, load_model, prepare_tensor
+
+    names = list_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
+    params = _parse_params(param or [], names)
+    tgt: int | None = None if target == "predicted" else _int(target, "--target")
+    net = load_model(model, str(weights) if weights else None, device)
+    image = load(input, window=window) if window else load(input)
+    x = prepare_tensor(
+        image.array,
+        is_color=getattr(image, "is_color", False),
+        size=size,
+        normalize=normalize,
+        channels=channels,
+    ).to(device)
+    with _progress() as progress:
+        task = progress.add_task("explaining", total=len(names))
+
+        def step(name: str) -> None:
+            progress.update(task, description=f"{name:<22}", advance=0)
+
+        summary = explain_image(
+            net, x, names, out, name=str(input), target=tgt, params=params, like=image,
+            resume=resume, on_method=lambda m: (step(m), progress.advance(task)),
+        )
+    console.print(f"prediction: class {summary.prediction}  probabilities {summary.probabilities}")
+    failed = {m: r.error for m, r in summary.methods.items() if r.error}
+    for m, r in summary.methods.items():
+        console.print(f"  {m:<22} {'failed: ' + str(r.error) if r.error else f'{r.seconds:.3f} s'}")
+    console.print(f"wrote {out / 'summary.json'}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("demo_out"),
+    method: Annotated[str, typer.Option(help="method name(s), comma-separated, or 'all'")] = "all",
+) -> None:
+    """Explain the embedded samples (CT, MR, a 3D volume) with every method on an untrained
+    MONAI DenseNet121; write overlays, raw maps and summaries."""
+    from trustmap.core.registry import list_methods
+    from trustmap.demo import run_demo
+
+    names = list_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
+    with _progress() as progress:
+        task = progress.add_task("demo", total=3 * len(names))
+
+        def step(sample: str, name: str) -> None:
+            progress.update(task, description=f"{sample}: {name:<22}")
+            progress.advance(task)
+
+        results = run_demo(out, methods=names, on_step=step)
+    for sample, summary in results.items():
+        errors = {m: r.error for m, r in summary.methods.items() if r.error}
+        total = sum(r.seconds for r in summary.methods.values())
+        console.print(f"{sample}: {len(summary.methods) - len(errors)} maps in {total:.1f} s")
+        for m, e in errors.items():
+            console.print(f"  {m} failed: {e}")
+    console.print(f"overlays, maps and summaries in {out}/")
+
+
+def _int(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{option} must be an integer class or 'predicted', got {value!r}") from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
