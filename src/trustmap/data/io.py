@@ -364,7 +364,9 @@ def _check_window(window: object) -> None:
         and window[1] > 0
     ):
         return
-    raise ValueError(f"window must be a preset name or (center, width) with width > 0, got {window!r}")
+    raise ValueError(
+        f"window must be a preset name or (center, width) with width > 0, got {window!r}"
+    )
 
 
 def _resolve_window(window: str | tuple[float, float], image: LoadedImage) -> tuple[float, float]:
@@ -458,7 +460,9 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
         img = nib.load(path)
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types
-        raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})"
+        ) from exc
     zooms = tuple(float(z) for z in img.header.get_zooms())
     # Trailing axes of size one (e.g. (X, Y, Z, 1)) carry nothing.
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -786,8 +790,10 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
 
 
 def _is_dicom_candidate(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and (
-        _suffix_of(path) in _DICOM or _has_dicom_preamble(path)
+    return (
+        path.is_file()
+        and not path.name.startswith(".")
+        and (_suffix_of(path) in _DICOM or _has_dicom_preamble(path))
     )
 
 
