@@ -11,7 +11,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 app = typer.Typer(
     help="Explain medical-image classifiers and test whether the explanations can be trusted.",
@@ -52,14 +51,11 @@ def methods() -> None:
     """List the registered methods with a one-line description and their paper."""
     from trustmap.core.registry import get_method, list_methods
 
-    table = Table(title="trustmap methods")
-    for column in ("method", "family", "output", "what it computes", "paper"):
-        table.add_column(column, overflow="fold")
+    # Plain lines rather than a table: they stay greppable and never wrap a name.
     for name in list_methods():
         cls = get_method(name)
         out = "x's shape" if cls.output == "input" else "(B, 1, *spatial)"
-        table.add_row(name, cls.family, out, cls.summary, cls.paper)
-    console.print(table)
+        typer.echo(f"{name:<22} {cls.family:<9} {cls.summary} -> {out}  [{cls.paper}]")
 
 
 def _parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
