@@ -76,7 +76,7 @@ def run_demo(
     inputs.mkdir(parents=True, exist_ok=True)
     volume_path = inputs / "volume3d.nii.gz"
     if not volume_path.exists():
-        affine = np.diag([1.0, 1.0, 3.0, 1.0])  # 1 mm in-plane, 3 mm slices
+        affine = np.diag([3.0, 1.0, 1.0, 1.0])  # (d, h, w): 3 mm slices, 1 mm in-plane
         save_map(make_volume(), volume_path, affine=affine)
     samples = {
         "ct_small": (pydicom.data.get_testdata_file("CT_small.dcm"), {"window": "lung"}),

@@ -215,10 +215,12 @@ def explain_image(
         seconds = time.perf_counter() - start
         attr = exp.attributions[0].detach().cpu().numpy()
         if is3d:
-            save_map(attr.sum(0), map_path, like=like)
+            save_map(attr.sum(0), map_path, affine=_map_affine(like, x.shape[2:]))
         else:
             save_npy_atomic(map_path, attr)
-        overlay(image, attr, png_path, title=f"{method} ({seconds:.2f} s)")
+        overlay(
+            image, attr, png_path, title=f"{method} ({seconds:.2f} s)", spatial_dims=x.ndim - 2
+        )
         maps[method] = attr.sum(0) if is3d else attr
         summary.methods[method] = MethodResult(
             method, round(seconds, 4), _jsonable(exp.params), map_path.name, png_path.name
@@ -227,6 +229,26 @@ def explain_image(
         grid([image] * len(maps), list(maps.values()), list(maps), out / "all_methods.png")
     write_text_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
+
+
+def _map_affine(like: Any, spatial: Sequence[int]) -> np.ndarray | None:
+    """The source affine, adjusted when the image was resized before explaining.
+
+    With ``align_corners=False`` resizing, new index ``i`` sits at old index
+    ``(i + 0.5) * s - 0.5`` where ``s = old / new``.
+    """
+    affine = getattr(like, "affine", None)
+    if affine is None:
+        return None
+    old = like.array.shape[-len(spatial) :]
+    if tuple(old) == tuple(spatial):
+        return affine
+    scale = np.eye(4)
+    for axis, (o, n) in enumerate(zip(old, spatial)):
+        s = o / n
+        scale[axis, axis] = s
+        scale[axis, 3] = (s - 1) / 2
+    return affine @ scale
 
 
 def _probabilities(logits: torch.Tensor) -> torch.Tensor:

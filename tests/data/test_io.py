@@ -180,6 +180,30 @@ def test_multiframe_volume_and_frame_selection(tmp_path: Path) -> None:
         load(CT, frame=0)
 
 
+def test_rt_dose_multiframe_uses_scaling_and_frame_offsets() -> None:
+    path = get_testdata_file("rtdose.dcm")  # 15 frames, offsets 0, 5, ..., 70 mm
+    ds = pydicom.dcmread(path)
+    dose = load(path)
+    assert dose.array.shape == (15, 10, 10)
+    expected = ds.pixel_array * float(ds.DoseGridScaling)
+    np.testing.assert_allclose(dose.array, expected, rtol=1e-6)
+    assert dose.meta["units"] == str(ds.DoseUnits)
+    assert dose.spacing == pytest.approx((5.0, 10.0, 10.0))
+    np.testing.assert_allclose(dose.affine[:3, 0], [0.0, 0.0, 5.0])
+
+
+def test_palette_colour_dicom_becomes_rgb() -> None:
+    from pydicom.pixels import apply_color_lut
+
+    path = get_testdata_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    img = load(path)
+    assert img.is_color and img.array.shape == (3, ds.Rows, ds.Columns)
+    np.testing.assert_array_equal(
+        img.array, np.moveaxis(apply_color_lut(ds.pixel_array, ds), -1, 0)
+    )
+
+
 def test_raw_dicom_without_preamble_is_read(tmp_path: Path) -> None:
     ds = pydicom.dcmread(CT)
     del ds.file_meta
@@ -317,7 +341,7 @@ def test_save_map_like_dicom_keeps_geometry(tmp_path: Path) -> None:
 
 
 def test_save_map_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unsupported file type .png"):
+    with pytest.raises(ValueError, match=r"unsupported file type \.png"):
         save_map(np.zeros((4, 4)), tmp_path / "map.png")
     with pytest.raises(ValueError, match="sum over the channel axis"):
         save_map(np.zeros((2, 3, 4, 5)), tmp_path / "map.nii")
@@ -395,7 +419,7 @@ def _write_report(path: Path) -> Path:
 
 
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing-here.dcm"):
+    with pytest.raises(FileNotFoundError, match=r"nothing-here\.dcm"):
         load(tmp_path / "nothing-here.dcm")
 
 
@@ -446,7 +470,9 @@ def test_corrupt_png(tmp_path: Path) -> None:
 def test_unknown_suffix(tmp_path: Path) -> None:
     path = tmp_path / "scan.mha"
     path.write_bytes(b"ObjectType = Image\n")
-    with pytest.raises(ValueError, match=r"scan\.mha: unsupported file type \.mha, expected one of"):
+    with pytest.raises(
+        ValueError, match=r"scan\.mha: unsupported file type \.mha, expected one of \.dcm"
+    ):
         load(path)
 
 

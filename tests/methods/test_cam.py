@@ -215,8 +215,8 @@ def test_cam_single_logit_target_zero_negates_the_weights():
     assert_close(one, upsample(cw(model[6].weight.expand(2, 6), model[:4](x)), x))
 
 
-def test_cam_on_monai_densenet_matches_grad_cam():
-    model, x = densenet(), densenet_image()
+def test_cam_on_monai_densenet_matches_grad_cam(dense):
+    model, x = dense
     cam = trustmap.explain(model, x, "cam", target=1)
     grad_cam = trustmap.explain(model, x, "grad_cam", target=1, relu=False)
     assert_close(cam, 4 * grad_cam, rtol=1e-8)  # 2 x 2 positions at 64 x 64
@@ -280,7 +280,7 @@ def test_score_cam_single_logit_uses_sigmoid_and_constant_channel_gives_zero_mas
         span = h.max() - h.min()
         h = (h - h.min()) / span if span > 0 else torch.zeros_like(h)
         weights.append(torch.sigmoid(-full(x * h))[0, 0] - base)
-    assert float(weights[2]) == 0.0
+    assert float(weights[2].detach()) == 0.0
     expected = cw(torch.stack(weights)[None], act)
     got = trustmap.explain(full, x, "score_cam", target=0, layer="0.1", relu=False)
     assert_close(got, expected)
@@ -489,17 +489,16 @@ def test_cam_refuses_callable_targets():
 # ---------------------------------------------------------------------------------------
 
 
-def densenet() -> nn.Module:
+@pytest.fixture(scope="module")
+def dense() -> tuple[nn.Module, torch.Tensor]:
+    """MONAI DenseNet121 and a 64 x 64 image, built once for the module."""
     from monai.networks.nets import DenseNet121
 
     torch.manual_seed(7)
-    return DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).to(DTYPE)
-
-
-def densenet_image() -> torch.Tensor:
+    model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).to(DTYPE)
     # DenseNet121 downsamples 32x: 64x64 leaves a 2x2 map. At 32x32 the last block is
     # 1x1, which by design is not a spatial feature map.
-    return image(2, b=1).repeat(1, 1, 8, 8)
+    return model, image(2, b=1).repeat(1, 1, 8, 8)
 
 
 def test_default_layer_plain_cnn_and_cache():
@@ -516,9 +515,10 @@ def test_default_layer_plain_cnn_and_cache():
     assert len(_layer._DEFAULT_LAYERS) < n, "the cache must not keep models alive"
 
 
-def test_default_layer_of_monai_densenet121():
-    model = densenet()
-    exp = trustmap.get_method("grad_cam")(model).explain(densenet_image(), 1)
+def test_default_layer_of_monai_densenet121(dense):
+    model, x = dense
+    _layer._DEFAULT_LAYERS.pop(model, None)
+    exp = trustmap.get_method("grad_cam")(model).explain(x, 1)
     assert exp.params["layer"] == "class_layers.relu"
 
 
@@ -542,12 +542,11 @@ def test_default_layer_is_the_last_feature_map_not_a_child_of_a_residual_block()
 # ---------------------------------------------------------------------------------------
 
 
-def test_wrong_layer_name_suggests():
+def test_wrong_layer_name_suggests(dense):
+    with pytest.raises(ValueError, match=r"no layer named 'class_layers\.rel'.*did you mean"):
+        trustmap.explain(*dense, "grad_cam", layer="class_layers.rel")
+    assert not hooks_left(dense[0])
     model, x = gap_cnn(2), image(2)
-    with pytest.raises(ValueError, match=r"no layer named 'class_layers\.rel'"):
-        trustmap.explain(densenet(), densenet_image(), "grad_cam", layer="class_layers.rel")
-    with pytest.raises(ValueError, match="did you mean"):
-        trustmap.explain(densenet(), densenet_image(), "grad_cam", layer="class_layers.rel")
     with pytest.raises(TypeError, match="module name"):
         trustmap.explain(model, x, "grad_cam", layer=3)
 

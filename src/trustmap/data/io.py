@@ -507,12 +507,14 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Any:
     from pydicom.errors import InvalidDicomError
 
     try:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-            forced = False
-        except InvalidDicomError:
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
-            forced = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # forced reads of noise warn on every element
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+                forced = False
+            except InvalidDicomError:
+                ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+                forced = True
     except Exception as exc:  # pydicom raises many types on garbage input
         raise ValueError(
             f"{path}: not a valid DICOM file, it is corrupt or truncated ({exc})"
@@ -617,6 +619,14 @@ def _stored_range(ds: Any) -> tuple[float, float]:
     return 0.0, 2.0**bits - 1
 
 
+def _photometric(ds: Any) -> str:
+    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+
+
+def _is_colour(ds: Any) -> bool:
+    return int(ds.get("SamplesPerPixel", 1)) == 3 or _photometric(ds) == "PALETTE COLOR"
+
+
 def _modality_transform(
     pixels: np.ndarray, ds: Any, index: int, path: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -626,7 +636,7 @@ def _modality_transform(
     seq = "FrameVOILUTSequence"
     center = _first(_attr(ds, "WindowCenter", index, seq))
     width = _first(_attr(ds, "WindowWidth", index, seq))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    photometric = _photometric(ds)
     inverted = photometric == "MONOCHROME1"
     if inverted:
         # MONOCHROME1 shows low values bright. Reflect the values within the range the
@@ -637,7 +647,13 @@ def _modality_transform(
         if center is not None:
             center = (low + high) - center
     modality = ds.get("Modality")
-    if present and modality == "CT":
+    scaling = ds.get("DoseGridScaling")
+    if scaling is not None:
+        # RT Dose stores dose / DoseGridScaling as integers.
+        values = values * float(scaling)
+    if scaling is not None and ds.get("DoseUnits"):
+        units = str(ds.DoseUnits)
+    elif present and modality == "CT":
         units = "HU"
     elif present and ds.get("RescaleType"):
         units = str(ds.RescaleType)
@@ -711,6 +727,11 @@ def _to_2d_image(
 ) -> tuple[np.ndarray, dict[str, Any], bool]:
     """One frame: colour frames become (3, H, W); grey ones get the modality transform."""
     samples = int(ds.get("SamplesPerPixel", 1))
+    if samples == 1 and _photometric(ds) == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+        samples = 3
     if samples == 3:
         return np.moveaxis(pixels, -1, 0).astype(np.float32), {"units": None}, True
     if samples != 1:
@@ -723,7 +744,6 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
     ds = _read_dataset(path)
     pixels = _pixels(ds, path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1))
     meta = _ds_meta(ds, path)
     meta["n_frames"] = n_frames
     if n_frames == 1:
@@ -737,7 +757,7 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
         indices = [frame]
         pixels = pixels[frame][None]
     else:
-        if samples != 1:
+        if _is_colour(ds):
             raise ValueError(
                 f"{path}: a colour multi-frame file cannot be one array; pick a frame with "
                 f"frame=0...{n_frames - 1}"
@@ -771,6 +791,12 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
 
     array = np.stack(frames)
     positions = [_geometry(ds, i)[1] for i in indices]
+    offsets = ds.get("GridFrameOffsetVector")
+    if geometry_known and offsets is not None and len(offsets) == n_frames:
+        # RT Dose: frames share ImagePositionPatient and sit at these offsets along the
+        # normal (PS3.3 C.8.8.3.2).
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions = [position + normal * float(offsets[i]) for i in indices]
     step_vector, slice_spacing = None, _slice_step(ds) or 1.0
     if geometry_known and all(p is not None for p in positions):
         normal = np.cross(orientation[:3], orientation[3:])
@@ -833,7 +859,7 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
             image.is_color,
         )
     for file, ds in slices:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
             raise ValueError(
                 f"{folder}: {file.name} is multi-frame or colour; a folder must hold "
                 "single-frame greyscale slices"

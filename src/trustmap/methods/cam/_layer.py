@@ -47,7 +47,7 @@ def default_layer(model: nn.Module, x: torch.Tensor) -> str:
             if (
                 isinstance(output, torch.Tensor)
                 and output.ndim == x.ndim
-                and math.prod(output.shape[2:]) > 1
+                and True
             ):
                 last.append(name)
 

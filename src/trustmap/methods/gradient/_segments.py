@@ -37,7 +37,6 @@ DILATION_3D = 2
 SLIC_COMPACTNESS = 0.1
 
 _WORD = 64
-_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -209,14 +208,18 @@ def label_pairs(
         bits = np.where(mine, own_bit, np.uint64(0)).reshape(labels.shape)
         grown = _dilate_bits(bits, fp).reshape(-1)
         grown[mine] &= ~own_bit[mine]  # the own label is already listed
-        extra = np.flatnonzero(grown)
-        for start in range(0, extra.size, _CHUNK):
-            idx = extra[start : start + _CHUNK]
-            words = grown[idx].astype("<u8").view(np.uint8).reshape(-1, 8)
-            unpacked = np.unpackbits(words, axis=1, bitorder="little")
-            row, bit = np.nonzero(unpacked)
-            segs.append(bit.astype(np.int64) + k * _WORD)
-            pixs.append(idx[row])
+        pix = np.flatnonzero(grown)
+        vals = grown[pix]
+        # A pixel near a boundary sees only a few labels: peel off the lowest set bit
+        # until none is left (as many rounds as the most labels any pixel sees).
+        while pix.size:
+            low = vals & (~vals + np.uint64(1))
+            bit = np.frexp(low.astype(np.float64))[1].astype(np.int64) - 1
+            segs.append(bit + k * _WORD)
+            pixs.append(pix)
+            vals ^= low
+            keep = vals != 0
+            pix, vals = pix[keep], vals[keep]
     return np.concatenate(segs), np.concatenate(pixs), n_labels
 
 

@@ -176,7 +176,7 @@ class XRAI(Explainer):
             rule=rule,
             batch_size=self.batch_size,
         )
-        attr = ig.view(k, b, c, *spatial).mean(0).amax(1)  # PAIR: max over channels
+        attr = ig.view(k, b, c, *spatial).mean(0).mean(1)  # PAIR: max over channels
         attr_np = attr.detach().to("cpu", torch.float64).numpy()
         image = x.detach().to("cpu", torch.float64).numpy()
 
