@@ -207,6 +207,29 @@ def test_cam_with_global_max_pooling_head():
     assert_close(cam, upsample(direct, x))
 
 
+class FunctionalReLUNet(nn.Module):
+    """``F.relu`` between the last conv and the pooling, as in torchvision's DenseNet: no
+    module outputs the pooled feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 5, 3, padding=1, stride=2)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_cam_sees_through_a_functional_relu_before_the_pooling():
+    torch.manual_seed(9)
+    model, x = FunctionalReLUNet().to(DTYPE), image(2)
+    exp = trustmap.get_method("cam")(model).explain(x, 2)
+    assert exp.params["layer"] == "conv"
+    features = F.relu(model.conv(x))
+    assert_close(exp.attributions, upsample(cw(model.fc.weight[[2, 2]], features), x))
+    assert not torch.allclose(features, model.conv(x))
+
+
 def test_cam_single_logit_target_zero_negates_the_weights():
     model, x = gap_cnn(2, out=1), image(2)
     one = trustmap.explain(model, x, "cam", target=1)
@@ -478,6 +501,14 @@ def test_region_target_on_a_segmentation_model():
         trustmap.explain(model, x, "cam", target=(1, mask), layer="1")
 
 
+@pytest.mark.parametrize("name", ["eigen_cam", "score_cam", "ablation_cam", "grad_cam"])
+def test_a_target_that_cannot_score_the_output_fails_for_every_method(name):
+    model, x = gap_cnn(2), image(2)
+    with pytest.raises(ValueError, match="callable target"):
+        trustmap.explain(model, x, name, target=lambda out: out.sum())
+    assert not hooks_left(model)
+
+
 def test_cam_refuses_callable_targets():
     model, x = gap_cnn(2), image(2)
     with pytest.raises(ValueError, match="grad_cam"):
@@ -505,7 +536,7 @@ def test_default_layer_plain_cnn_and_cache():
     model, x = deep_head_cnn(2), image(2)
     exp = trustmap.get_method("grad_cam")(model).explain(x, 0)
     assert exp.params["layer"] == "5"  # the ReLU after the last conv feeds the pooling
-    assert _layer._DEFAULT_LAYERS[model] == {2: "5"}
+    assert _layer._DEFAULT_LAYERS[model] == {(8, 8): "5"}
     explicit = trustmap.explain(model, x, "grad_cam", target=0, layer="5")
     assert_close(exp.attributions, explicit)
     assert _layer.default_layer(gap_cnn(3), image(3)) == "3"
@@ -513,6 +544,15 @@ def test_default_layer_plain_cnn_and_cache():
     del model, exp
     gc.collect()
     assert len(_layer._DEFAULT_LAYERS) < n, "the cache must not keep models alive"
+
+
+def test_default_layer_depends_on_the_input_size():
+    # At 2 x 2 the stride-2 conv leaves one position, so the last spatial map is '1'.
+    model = gap_cnn(2)
+    small, large = image(2)[..., :2, :2], image(2)
+    assert trustmap.get_method("grad_cam")(model).explain(small).params["layer"] == "1"
+    assert trustmap.get_method("grad_cam")(model).explain(large).params["layer"] == "3"
+    assert _layer._DEFAULT_LAYERS[model] == {(2, 2): "1", (8, 8): "3"}
 
 
 def test_default_layer_of_monai_densenet121(dense):

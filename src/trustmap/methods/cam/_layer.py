@@ -23,9 +23,13 @@ from trustmap.core.hooks import capture_layer, find_module, hook_handles
 from trustmap.core.targets import Target, TargetSpec, resolve_target
 from trustmap.core.validation import positive_int
 
-# The default layer of a model, per spatial rank. Weak keys: the cache never keeps a
-# model alive and nothing is stored on the model itself.
-_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[int, str]] = weakref.WeakKeyDictionary()
+# The default layer of a model, per input spatial shape (which fixes the rank). The
+# shape, not only the rank, is the key: whether the last block still has more than one
+# position depends on the input size (DenseNet121: 2 x 2 at 64 x 64, 1 x 1 at 32 x 32).
+# Weak keys: the cache never keeps a model alive and nothing is stored on the model.
+_DEFAULT_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def default_layer(model: nn.Module, x: torch.Tensor) -> str:
@@ -34,10 +38,11 @@ def default_layer(model: nn.Module, x: torch.Tensor) -> str:
 
     That is the feature map that feeds the global pooling of a classifier (for MONAI's
     DenseNet121 ``class_layers.relu``). Found with one no-grad probe forward on the first
-    sample, then cached per model and spatial rank.
+    sample, then cached per model and input spatial shape.
     """
     rank = x.ndim - 2
-    cached = _DEFAULT_LAYERS.get(model, {}).get(rank)
+    key = tuple(x.shape[2:])
+    cached = _DEFAULT_LAYERS.get(model, {}).get(key)
     if cached is not None:
         return cached
     last: list[str] = []
@@ -47,7 +52,7 @@ def default_layer(model: nn.Module, x: torch.Tensor) -> str:
             if (
                 isinstance(output, torch.Tensor)
                 and output.ndim == x.ndim
-                and True
+                and math.prod(output.shape[2:]) > 1
             ):
                 last.append(name)
 
@@ -66,7 +71,7 @@ def default_layer(model: nn.Module, x: torch.Tensor) -> str:
             f"of this model outputs a (B, K, *spatial) tensor with {rank} spatial dims and "
             "more than one position. Use a gradient method (e.g. 'integrated_gradients')"
         )
-    _DEFAULT_LAYERS.setdefault(model, {})[rank] = last[-1]
+    _DEFAULT_LAYERS.setdefault(model, {})[key] = last[-1]
     return last[-1]
 
 
@@ -122,9 +127,11 @@ def layer_pass(
                 f"of {b}"
             )
         resolved = resolve_target(target, output)
+        # Evaluated once even where only the resolution is needed (Eigen-CAM, CAM), so a
+        # target that cannot score this output fails here, not later.
+        score = resolved.scores(output)
         grad = None
         if gradient:
-            score = resolved.scores(output)
             if not (score.requires_grad and act.requires_grad):
                 raise ValueError(
                     f"the target score is not differentiable with respect to layer {name!r}"

@@ -39,9 +39,15 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def head_weights(
     calls: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]], lp: LayerPass
-) -> torch.Tensor:
-    """Weights ``(B, K)`` of the linear layer that maps the globally pooled layer output
-    to the target score; ValueError if the model's head is not of that form."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights (B, K), features (B, K, *s))``: the row of the linear layer that maps the
+    globally pooled features to the target score, and those features; ValueError if the
+    model's head is not of that form.
+
+    The features are the layer's output ``A`` or, when a functional ReLU sits between the
+    layer and the pooling (``F.relu`` inside ``forward``, as in torchvision's DenseNet),
+    ``ReLU(A)``: no module outputs that tensor, and it is what the pooling averages.
+    """
     act, output, target = lp.activation, lp.output, lp.target
     if target.kind not in ("class", "binary"):
         raise ValueError(
@@ -50,23 +56,28 @@ def head_weights(
         )
     b, k = act.shape[:2]
     dims = spatial_dims(act)
-    pooled = (act.mean(dim=dims), act.amax(dim=dims))
     out_flat = output.reshape(b, -1)
     for linear, inp, out in reversed(calls):
         if tuple(inp.shape) != (b, k) or tuple(out.reshape(b, -1).shape) != out_flat.shape:
             continue
-        if not any(_close(inp.to(p.dtype), p) for p in pooled):
-            continue
         if not _close(target.scores(out.reshape(output.shape)), target.scores(output)):
             continue
-        weight = linear.weight.detach().to(act.dtype)
-        if target.kind == "binary":
-            return weight[0].unsqueeze(0) * target.signs.to(act.device, act.dtype).unsqueeze(1)
-        return weight[target.classes.to(weight.device)]
+        for features in (act, act.clamp(min=0)):
+            pooled = (features.mean(dim=dims), features.amax(dim=dims))
+            if not any(_close(inp, p) for p in pooled):
+                continue
+            weight = linear.weight.detach().to(act.dtype)
+            if target.kind == "binary":
+                signs = target.signs.to(act.device, act.dtype).unsqueeze(1)
+                return weight[0].unsqueeze(0) * signs, features
+            return weight[target.classes.to(weight.device)], features
     raise ValueError(
-        f"cam needs layer {lp.layer!r} to be followed by global average (or max) pooling "
-        "and one linear layer whose output is the model's score (Zhou et al. 2016); this "
-        "model's head is different. Use 'grad_cam', which generalises CAM to any head"
+        f"cam needs layer {lp.layer!r} (output {tuple(act.shape)}) to be followed by "
+        "global average (or max) pooling and one linear layer whose output is the "
+        "model's score (Zhou et al. 2016); this model's head is different. Use "
+        "'grad_cam', which generalises CAM to any head (if the pooled feature map has a "
+        "single position at this input size, CAM has no spatial resolution: use a larger "
+        "input)"
     )
 
 
@@ -84,10 +95,11 @@ class CAM(Explainer):
     Only defined for a head of global average (or max) pooling followed by one linear
     layer producing the score; the head is detected on the forward pass (the linear
     layer's input must equal the pooled layer output, its output the model's output), and
-    anything else raises a ValueError pointing to Grad-CAM. For such a head
-    ``CAM = N * Grad-CAM`` before rectification (``N`` positions of the layer). For a
-    single-logit model, target 0 uses the negated weights. Region and callable targets
-    are not supported. One forward pass, no gradient.
+    anything else raises a ValueError pointing to Grad-CAM. A functional ReLU between the
+    layer and the pooling is recognised; the map then weights ``ReLU(A)``. When the
+    pooling reads the layer directly, ``CAM = N * Grad-CAM`` before rectification (``N``
+    positions of the layer). For a single-logit model, target 0 uses the negated weights.
+    Region and callable targets are not supported. One forward pass, no gradient.
 
     Parameters
     ----------
@@ -105,5 +117,6 @@ class CAM(Explainer):
     ) -> tuple[torch.Tensor, torch.Tensor, Target, dict[str, Any]]:
         with _linear_calls(self.model) as calls:
             lp = layer_pass(self, x, target, self.layer, gradient=False)
-        cam = weighted_sum(head_weights(calls, lp), lp.activation)
+        weights, features = head_weights(calls, lp)
+        cam = weighted_sum(weights, features)
         return finish(cam, x, relu=False), lp.output, lp.target, lp.extra
