@@ -218,9 +218,7 @@ def explain_image(
             save_map(attr.sum(0), map_path, affine=_map_affine(like, x.shape[2:]))
         else:
             save_npy_atomic(map_path, attr)
-        overlay(
-            image, attr, png_path, title=f"{method} ({seconds:.2f} s)", spatial_dims=x.ndim - 2
-        )
+        overlay(image, attr, png_path, title=f"{method} ({seconds:.2f} s)", spatial_dims=x.ndim - 2)
         maps[method] = attr.sum(0) if is3d else attr
         summary.methods[method] = MethodResult(
             method, round(seconds, 4), _jsonable(exp.params), map_path.name, png_path.name

@@ -31,9 +31,21 @@ def test_methods_lists_every_method():
 
 def test_explain_writes_maps_overlays_and_summary(tmp_path, image):
     out = tmp_path / "out"
-    args = ["explain", "--model", "tests.cli.factory:build", "--input", str(image),
-            "--method", "gradient,integrated_gradients,grad_cam", "--target", "1",
-            "--out", str(out), "-p", "integrated_gradients.n_steps=5"]
+    args = [
+        "explain",
+        "--model",
+        "tests.cli.factory:build",
+        "--input",
+        str(image),
+        "--method",
+        "gradient,integrated_gradients,grad_cam",
+        "--target",
+        "1",
+        "--out",
+        str(out),
+        "-p",
+        "integrated_gradients.n_steps=5",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
@@ -58,11 +70,24 @@ def test_explain_3d_writes_nifti_with_source_affine(tmp_path):
 
     affine = np.diag([2.0, 1.5, 1.0, 1.0])
     src = tmp_path / "vol.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32),
-                             affine), src)
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), affine), src
+    )
     out = tmp_path / "out3d"
-    result = runner.invoke(app, ["explain", "--model", "tests.cli.factory:build3d", "--input",
-                                 str(src), "--method", "gradient", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            "tests.cli.factory:build3d",
+            "--input",
+            str(src),
+            "--method",
+            "gradient",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = nib.load(out / "gradient.nii.gz")
     assert np.allclose(saved.affine, affine)
@@ -70,8 +95,15 @@ def test_explain_3d_writes_nifti_with_source_affine(tmp_path):
 
 def test_resume_skips_finished_methods(tmp_path, image):
     out = tmp_path / "out"
-    base = ["explain", "--model", "tests.cli.factory:build", "--input", str(image),
-            "--out", str(out)]
+    base = [
+        "explain",
+        "--model",
+        "tests.cli.factory:build",
+        "--input",
+        str(image),
+        "--out",
+        str(out),
+    ]
     assert runner.invoke(app, [*base, "--method", "gradient"]).exit_code == 0
     first = (out / "gradient.npy").stat().st_mtime_ns
     result = runner.invoke(app, [*base, "--method", "gradient,saliency", "--resume"])
@@ -91,8 +123,19 @@ def test_resume_skips_finished_methods(tmp_path, image):
 )
 def test_explain_errors_are_one_line(tmp_path, image, extra, message):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["explain", "--model", "tests.cli.factory:build", "--input",
-                                 str(image), "--out", str(out), *extra])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            "tests.cli.factory:build",
+            "--input",
+            str(image),
+            "--out",
+            str(out),
+            *extra,
+        ],
+    )
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
@@ -101,9 +144,11 @@ def test_explain_errors_are_one_line(tmp_path, image, extra, message):
 
 def test_bad_model_specs(tmp_path, image):
     common = ["--input", str(image), "--method", "gradient", "--out", str(tmp_path / "o")]
-    for spec, message in [("tests.cli.factory:not_a_model", "not a torch.nn.Module"),
-                          ("no_such_pkg.mod:f", "cannot import"),
-                          ("justaname", "package.module:factory")]:
+    for spec, message in [
+        ("tests.cli.factory:not_a_model", "not a torch.nn.Module"),
+        ("no_such_pkg.mod:f", "cannot import"),
+        ("justaname", "package.module:factory"),
+    ]:
         result = runner.invoke(app, ["explain", "--model", spec, *common])
         assert result.exit_code == 2, result.output
         assert message in result.output
@@ -116,8 +161,20 @@ def test_bad_model_specs(tmp_path, image):
 def test_corrupt_input_file(tmp_path):
     bad = tmp_path / "scan.dcm"
     bad.write_bytes(b"\x00" * 50)
-    result = runner.invoke(app, ["explain", "--model", "tests.cli.factory:build", "--input",
-                                 str(bad), "--method", "gradient", "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            "tests.cli.factory:build",
+            "--input",
+            str(bad),
+            "--method",
+            "gradient",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2
     assert "scan.dcm" in result.output
 
@@ -129,8 +186,20 @@ def test_torchscript_model(tmp_path, image):
     path = tmp_path / "m.pt"
     torch.jit.save(scripted, str(path))
     out = tmp_path / "out"
-    result = runner.invoke(app, ["explain", "--model", str(path), "--input", str(image),
-                                 "--method", "gradient,guided_backprop", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--model",
+            str(path),
+            "--input",
+            str(image),
+            "--method",
+            "gradient,guided_backprop",
+            "--out",
+            str(out),
+        ],
+    )
     # gradient works on TorchScript; guided backprop refuses it, recorded, exit code 1
     assert result.exit_code == 1, result.output
     summary = json.loads((out / "summary.json").read_text())

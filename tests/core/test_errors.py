@@ -29,7 +29,7 @@ def test_wrong_rank(model, shape):
 
 
 def test_not_a_tensor(model):
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         trustmap.explain(model, [[0.0]], "gradient")
 
 
@@ -124,7 +124,7 @@ def test_nan_output():
 
 
 def test_model_not_a_module():
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         trustmap.explain(lambda x: x, make_input(2, 1), "gradient")
 
 

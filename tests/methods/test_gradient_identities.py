@@ -119,8 +119,14 @@ def test_guided_backprop_handles_relu_forms_identically():
     x = make_input(2, 2)
     maps = {
         form: trustmap.explain(Forms(form), x, "guided_backprop", target=1)
-        for form in ("module", "functional", "functional_inplace", "torch", "method",
-                     "method_inplace")
+        for form in (
+            "module",
+            "functional",
+            "functional_inplace",
+            "torch",
+            "method",
+            "method_inplace",
+        )
     }
     ref = maps.pop("module")
     for form, m in maps.items():

@@ -53,8 +53,9 @@ def test_input_x_gradient(setup):
     close(ours, ref)
 
 
-@pytest.mark.parametrize(("name", "peer"), [("guided_backprop", GuidedBackprop),
-                                              ("deconvnet", Deconvolution)])
+@pytest.mark.parametrize(
+    ("name", "peer"), [("guided_backprop", GuidedBackprop), ("deconvnet", Deconvolution)]
+)
 def test_relu_rules_match_captum(setup, name, peer):
     model, x, target = setup
     ours = trustmap.explain(model, x, name, target=target)
@@ -83,14 +84,20 @@ class ModuleReLUs(torch.nn.Module):
         return t.fc(t.pool(x).flatten(1))
 
 
-@pytest.mark.parametrize(("rule", "method"), [("trapezoid", "riemann_trapezoid"),
-                                                ("gauss_legendre", "gausslegendre")])
+@pytest.mark.parametrize(
+    ("rule", "method"), [("trapezoid", "riemann_trapezoid"), ("gauss_legendre", "gausslegendre")]
+)
 @pytest.mark.parametrize("baseline", ["zeros", "tensor"])
 def test_integrated_gradients(setup, rule, method, baseline):
     model, x, target = setup
     base = torch.zeros_like(x) if baseline == "zeros" else 0.3 * torch.ones_like(x)
     ours = trustmap.explain(
-        model, x, "integrated_gradients", target=target, n_steps=25, rule=rule,
+        model,
+        x,
+        "integrated_gradients",
+        target=target,
+        n_steps=25,
+        rule=rule,
         baseline="zeros" if baseline == "zeros" else base,
     )
     ref = IntegratedGradients(model).attribute(
@@ -111,16 +118,25 @@ def test_integrated_gradients_chunking_is_exact(setup):
     close(small, whole, 1e-12)
 
 
-@pytest.mark.parametrize(("variant", "nt_type"), [("mean", "smoothgrad"),
-                                                    ("squared", "smoothgrad_sq"),
-                                                    ("vargrad", "vargrad")])
+@pytest.mark.parametrize(
+    ("variant", "nt_type"),
+    [("mean", "smoothgrad"), ("squared", "smoothgrad_sq"), ("vargrad", "vargrad")],
+)
 def test_smoothgrad_matches_noise_tunnel_on_the_same_noise(setup, variant, nt_type):
     """captum's NoiseTunnel draws its noise from the global RNG, so both are fed the same
     noisy copies: ours from its seed, captum's through a noise function that replays them."""
     model, x, target = setup
     n, level, seed = 5, 0.15, 11
-    ours = trustmap.explain(model, x, "smoothgrad", target=target, n_samples=n,
-                            noise_level=level, variant=variant, seed=seed)
+    ours = trustmap.explain(
+        model,
+        x,
+        "smoothgrad",
+        target=target,
+        n_samples=n,
+        noise_level=level,
+        variant=variant,
+        seed=seed,
+    )
     flat = x.reshape(x.shape[0], -1)
     sigma = level * (flat.amax(1) - flat.amin(1))
     gen = generator(seed, x.device)
@@ -134,8 +150,14 @@ def test_smoothgrad_matches_noise_tunnel_on_the_same_noise(setup, variant, nt_ty
         return model(replay.to(inp.dtype) + (inp - inp.detach()))
 
     nt = NoiseTunnel(Saliency(forward_on_replayed))
-    ref = nt.attribute(x.clone().requires_grad_(), nt_type=nt_type, nt_samples=n, stdevs=0.0,
-                       target=target, abs=False)
+    ref = nt.attribute(
+        x.clone().requires_grad_(),
+        nt_type=nt_type,
+        nt_samples=n,
+        stdevs=0.0,
+        target=target,
+        abs=False,
+    )
     del sal
     close(ours, ref)
 
@@ -143,6 +165,14 @@ def test_smoothgrad_matches_noise_tunnel_on_the_same_noise(setup, variant, nt_ty
 def test_smooth_ig_is_smoothgrad_around_ig(setup):
     model, x, target = setup
     a = trustmap.explain(model, x, "smooth_ig", target=target, n_samples=3, n_steps=5, seed=4)
-    b = trustmap.explain(model, x, "smoothgrad", base="integrated_gradients", target=target,
-                         n_samples=3, n_steps=5, seed=4)
+    b = trustmap.explain(
+        model,
+        x,
+        "smoothgrad",
+        base="integrated_gradients",
+        target=target,
+        n_samples=3,
+        n_steps=5,
+        seed=4,
+    )
     close(a, b, 1e-12)

@@ -122,8 +122,16 @@ def explain(
             progress.update(task, description=f"{name:<22}", advance=0)
 
         summary = explain_image(
-            net, x, names, out, name=str(input), target=tgt, params=params, like=image,
-            resume=resume, on_method=lambda m: (step(m), progress.advance(task)),
+            net,
+            x,
+            names,
+            out,
+            name=str(input),
+            target=tgt,
+            params=params,
+            like=image,
+            resume=resume,
+            on_method=lambda m: (step(m), progress.advance(task)),
         )
     console.print(f"prediction: class {summary.prediction}  probabilities {summary.probabilities}")
     failed = {m: r.error for m, r in summary.methods.items() if r.error}
@@ -167,7 +175,9 @@ def _int(value: str, option: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{option} must be an integer class or 'predicted', got {value!r}") from None
+        raise ValueError(
+            f"{option} must be an integer class or 'predicted', got {value!r}"
+        ) from None
 
 
 def main() -> None:

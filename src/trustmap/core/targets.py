@@ -203,7 +203,8 @@ def _resolve_region(target: TargetSpec, output: torch.Tensor) -> Target:
             raise ValueError("region_mask contains NaN or Inf")
         empty = region.reshape(b, -1).abs().sum(1) == 0
         if bool(empty.any()):
-            raise ValueError(f"region_mask is empty for samples {empty.nonzero().flatten().tolist()}")
+            samples = empty.nonzero().flatten().tolist()
+            raise ValueError(f"region_mask is empty for samples {samples}")
     return Target(kind="region", classes=classes, region=region.contiguous(), batch=b)
 
 
@@ -211,6 +212,7 @@ def take(target: Target, rows: torch.Tensor) -> Target:
     """The target for a batch whose row ``i`` is a copy of original sample ``rows[i]``."""
     if target.kind == "callable":
         return Target(kind="callable", fn=target.fn, batch=int(rows.numel()))
+
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[rows.to(t.device)]
 

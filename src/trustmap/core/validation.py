@@ -44,8 +44,7 @@ def check_model_matches(model: nn.Module, x: torch.Tensor) -> None:
         return
     if param.device != x.device:
         raise ValueError(
-            f"x is on {x.device} but the model's parameters are on {param.device}; move one "
-            "of them"
+            f"x is on {x.device} but the model's parameters are on {param.device}; move one of them"
         )
     if param.is_floating_point() and param.dtype != x.dtype:
         raise TypeError(
