@@ -18,6 +18,7 @@ CHEAP = {
     "smoothgrad": {"n_samples": 2},
     "smooth_ig": {"n_samples": 2, "n_steps": 2},
     "xrai": {"n_steps": 2},
+    "ablation_cam": {"batch_size": 512},
 }
 # Score-CAM costs one forward pass per channel of its layer; a 64-channel layer keeps the
 # test short while still exercising the method end to end on the real network.

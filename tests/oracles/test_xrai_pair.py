@@ -18,7 +18,7 @@ from saliency.core.xrai import XRAI as PairXRAI
 from saliency.core.xrai import XRAIParameters
 
 import trustmap
-import trustmap.methods.gradient.xrai  # noqa: F401  (registers "xrai")
+import trustmap.methods.gradient.xrai  # registers "xrai" before __init__ lists it
 from tests.conftest import make_tiny
 from trustmap.methods.gradient._segments import Membership, greedy_regions
 from trustmap.methods.gradient.integrated_gradients import path_rule
@@ -72,10 +72,12 @@ def assert_maps_equal(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-9) -> 
 
 
 @pytest.mark.parametrize(
-    ("channels", "area", "min_diff"), [(1, 1.0, 50), (3, 0.4, 20)], ids=["grey", "rgb-area"]
+    ("channels", "batch", "area", "min_diff"),
+    [(1, 2, 1.0, 50), (3, 1, 0.4, 20)],
+    ids=["grey", "rgb-area"],
 )
-def test_region_algorithm_matches_pair(channels, area, min_diff):
-    model, x, target = setup(channels)
+def test_region_algorithm_matches_pair(channels, batch, area, min_diff):
+    model, x, target = setup(channels, batch)
     ours = trustmap.explain(
         model,
         x,
@@ -97,7 +99,7 @@ def test_region_algorithm_matches_pair(channels, area, min_diff):
 
 
 def test_native_resolution_matches_pair_without_resize():
-    model, x, target = setup(1)
+    model, x, target = setup(1, batch=1)
     ours = trustmap.explain(model, x, "xrai", target=target, n_steps=N_STEPS, resize=None)
     default = trustmap.explain(model, x, "xrai", target=target, n_steps=N_STEPS)
     assert not torch.equal(ours, default), "resize had no effect"
@@ -144,25 +146,64 @@ def test_end_to_end_with_pair_integrated_gradients():
         assert_maps_equal(ours[i, 0].numpy(), ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_greedy_merge_matches_pair_on_random_overlapping_masks(seed):
-    """Random rectangles (overlapping, nested, duplicated) and tied attributions."""
+def run_greedy(attr: np.ndarray, masks: list[np.ndarray], area: float, min_diff: int):
+    seg, pix = np.nonzero(np.stack(masks).reshape(len(masks), -1))
+    members = Membership.from_pairs(seg, pix, len(masks), attr.size)
+    out = greedy_regions(attr.reshape(-1), members, area_threshold=area, min_pixel_diff=min_diff)
+    return out.reshape(attr.shape)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 0, 2), (2, 1, 0)])
+def test_greedy_ties_and_min_pixel_diff_follow_pair(order):
+    """A and B tie on gain density but leave different remainders; Z has exactly
+    ``min_pixel_diff`` pixels and the highest density, so it must be taken first."""
+    attr = np.full((6, 8), -1.0)
+    a = np.zeros_like(attr, dtype=bool)
+    b = np.zeros_like(a)
+    z = np.zeros_like(a)
+    a[0, 0:8] = True  # O = row 0 cols 0-3 (1.0), P = cols 4-7 (0.0): mean 0.5
+    attr[0, 0:4], attr[0, 4:8] = 1.0, 0.0
+    b[0, 0:4] = True  # B = O + Q, Q = rows 1-3 cols 0-3 with four 1.0: mean 0.5
+    b[1:4, 0:4] = True
+    attr[1:4, 0:4] = 0.0
+    attr[1, 0:4] = 1.0
+    z[5, 4:8] = True
+    attr[5, 4:8] = 5.0
+    masks = [[a, b, z][k] for k in order]
+    ref, _ = PairXRAI._xrai(attr, masks, area_perc_th=1.0, min_pixel_diff=4)
+    np.testing.assert_array_equal(run_greedy(attr, masks, 1.0, 4), ref)
+    assert ref[5, 4] == 5.0
+    # The tie is real: the first of A and B wins and the map depends on which.
+    first = a if order.index(0) < order.index(1) else b
+    assert (ref[first] == 0.5).all()
+
+
+@pytest.mark.parametrize(
+    ("seed", "quantised", "area", "min_diff"),
+    [
+        (0, True, 1.0, 1),
+        (2, True, 1.0, 1),
+        (1, False, 1.0, 10),
+        (3, True, 0.5, 5),
+        (4, False, 0.0, 3),
+    ],
+)
+def test_greedy_merge_matches_pair_on_random_overlapping_masks(seed, quantised, area, min_diff):
+    """Random rectangles (overlapping, nested, duplicated). Quantised attributions give
+    gains that tie exactly in PAIR's fresh means but not in running sums."""
     rng = np.random.default_rng(seed)
     h, w = 24, 20
     masks = []
     for _ in range(40):
         y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+        hi = 8 if quantised else 14
         m = np.zeros((h, w), dtype=bool)
-        m[y0 : y0 + rng.integers(2, 14), x0 : x0 + rng.integers(2, 14)] = True
+        m[y0 : y0 + rng.integers(2, hi), x0 : x0 + rng.integers(2, hi)] = True
         masks.append(m)
     masks += [masks[3].copy(), masks[0] | masks[1]]
-    # Quantised attributions make exact ties between different masks common.
-    attr = np.round(rng.normal(size=(h, w)), 1) if seed % 2 else rng.normal(size=(h, w))
-    area, min_diff = [(1.0, 1), (1.0, 10), (0.5, 5), (0.0, 3)][seed]
+    if quantised:
+        attr = np.round(rng.integers(0, 4, size=(h, w)) * 0.1, 10)
+    else:
+        attr = rng.normal(size=(h, w))
     ref, _ = PairXRAI._xrai(attr, masks, area_perc_th=area, min_pixel_diff=min_diff)
-    seg, pix = np.nonzero(np.stack(masks).reshape(len(masks), -1))
-    members = Membership.from_pairs(seg, pix, len(masks), h * w)
-    ours = greedy_regions(
-        attr.reshape(-1), members, area_threshold=area, min_pixel_diff=min_diff
-    ).reshape(h, w)
-    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(run_greedy(attr, masks, area, min_diff), ref)

@@ -10,4 +10,5 @@ from trustmap.methods.gradient import (  # noqa: F401
     saliency,
     smooth_ig,
     smoothgrad,
+    xrai,
 )

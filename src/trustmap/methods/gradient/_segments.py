@@ -100,9 +100,7 @@ def felzenszwalb_labels(
     shape = image.shape[:2]
     im = normalize(image.astype(np.float64), -1.0, 1.0)
     if grid is not None:
-        im = sk_resize(
-            im, grid, order=3, mode="constant", preserve_range=True, anti_aliasing=True
-        )
+        im = sk_resize(im, grid, order=3, mode="constant", preserve_range=True, anti_aliasing=True)
     labels = []
     for scale in scales:
         seg = segmentation.felzenszwalb(im, scale=scale, sigma=sigma, min_size=min_size)
@@ -184,9 +182,7 @@ def _dilate_bits(bits: np.ndarray, fp: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_pairs(
-    labels: np.ndarray, radius: int
-) -> tuple[np.ndarray, np.ndarray, int]:
+def label_pairs(labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``(segment, pixel)`` pairs of the dilated segments of one label image.
 
     Segments are the labels ``min..max`` in order (PAIR's order; absent labels give empty

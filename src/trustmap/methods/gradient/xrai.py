@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,7 @@ Segments = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray] | Non
     "xrai",
     family="gradient",
     summary="integrated gradients summed over image regions, regions ranked greedily by gain",
-    paper="Kapishnikov, Bolukbasi, Viegas, Terry 2019, XRAI: better attributions through "
-    "regions",
+    paper="Kapishnikov, Bolukbasi, Viegas, Terry 2019, XRAI: better attributions through regions",
 )
 class XRAI(Explainer):
     """XRAI: integrated gradients aggregated over regions chosen greedily by gain density.
@@ -147,11 +147,12 @@ class XRAI(Explainer):
         baselines = _check_baselines(self.baselines)
         area = _check_fraction("area_threshold", self.area_threshold)
         min_diff = positive_int("min_pixel_diff", self.min_pixel_diff)
-        user_segments = None
+        # Check every option before the costly gradient passes.
+        given, segment = None, None
         if self.segments is not None:
-            user_segments = _user_segments(self.segments, b, tuple(spatial))
+            given = _user_segments(self.segments, b, tuple(spatial))
         else:
-            auto = self._segmenter(len(spatial))
+            segment = self._segmenter(len(spatial))
 
         extra: dict[str, Any] = {}
         seed = None
@@ -176,20 +177,20 @@ class XRAI(Explainer):
             rule=rule,
             batch_size=self.batch_size,
         )
-        attr = ig.view(k, b, c, *spatial).mean(0).mean(1)  # PAIR: max over channels
+        attr = ig.view(k, b, c, *spatial).mean(0).amax(1)  # PAIR: max over channels
         attr_np = attr.detach().to("cpu", torch.float64).numpy()
         image = x.detach().to("cpu", torch.float64).numpy()
 
         maps = np.empty((b, math.prod(spatial)), dtype=np.float64)
         for i in range(b):
-            members = user_segments[i] if user_segments is not None else auto(image[i])
+            members = given[i] if given is not None else segment(image[i])
             maps[i] = seg.greedy_regions(
                 attr_np[i].reshape(-1), members, area_threshold=area, min_pixel_diff=min_diff
             )
         out = torch.from_numpy(maps).to(x.device, x.dtype).view(b, 1, *spatial)
         return out.expand(b, c, *spatial).contiguous(), output, resolved, extra
 
-    def _segmenter(self, ndim: int):
+    def _segmenter(self, ndim: int) -> Callable[[np.ndarray], seg.Membership]:
         """Validate the segmentation options; return ``image (C, *spatial) -> Membership``."""
         sigma = _check_nonneg("sigma", self.sigma)
         radius = self.dilation_radius
@@ -251,15 +252,15 @@ def _check_scales(scales: object, default: tuple, *, integer: bool) -> tuple:
     if scales is None:
         return default
     kind = "positive integers (SLIC supervoxel counts)" if integer else "positive numbers"
-    if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+    if isinstance(scales, numbers.Real) and not isinstance(scales, bool):
         scales = (scales,)
     if not isinstance(scales, (list, tuple)) or len(scales) == 0:
         raise ValueError(f"scales must be a non-empty sequence of {kind}, got {scales!r}")
     for s in scales:
-        bad = isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0
-        if bad or (integer and not isinstance(s, int)) or not math.isfinite(s):
+        number = isinstance(s, numbers.Integral if integer else numbers.Real)
+        if isinstance(s, bool) or not number or not math.isfinite(s) or not s > 0:
             raise ValueError(f"scales must be a non-empty sequence of {kind}, got {scales!r}")
-    return tuple(scales)
+    return tuple(int(s) if integer else float(s) for s in scales)
 
 
 def _check_grid(grid: object) -> tuple[int, int] | None:
