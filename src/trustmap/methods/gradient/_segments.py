@@ -5,7 +5,7 @@ not yet covered; adding a region only touches the segments that share its newly 
 pixels, so a whole image costs ``O(memberships + steps * n_segments)`` instead of
 re-scanning every mask over the whole image at every step.
 
-Segments are held as a sparse membership matrix (segments x pixels, both CSR and CSC).
+Segments are held as a sparse membership matrix (segments x pixels, as CSR and CSC).
 Dilating a label image by a disk or ball is done on bitsets: every pixel carries one bit
 per label, and OR-ing shifted copies over the footprint gives, for every pixel, the set
 of labels whose dilated segment covers it, in about ``3 * radius`` array operations.
@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 from skimage import segmentation
 from skimage.morphology import ball, disk
 from skimage.transform import resize as sk_resize
 
 # PAIR saliency's XRAI defaults (Kapishnikov et al. 2019): Felzenszwalb scales, smoothing,
-# minimum segment size in pixels of the 224 x 224 grid, value range, dilation radius.
+# minimum segment size in pixels of the 224 x 224 segmentation grid, dilation radius.
 FELZENSZWALB_SCALES = (50.0, 100.0, 150.0, 250.0, 500.0, 1200.0)
 FELZENSZWALB_SIGMA = 0.8
 FELZENSZWALB_MIN_SIZE = 150
@@ -41,10 +40,10 @@ _WORD = 64
 
 @dataclass(frozen=True)
 class Membership:
-    """Which pixels each segment holds: ``rows[m]`` (CSR) and ``cols[p]`` (CSC) views.
+    """Which pixels each segment holds, indexed both ways (CSR and CSC arrays).
 
-    ``seg_ptr/seg_pix``: pixels of segment ``m`` are ``seg_pix[seg_ptr[m]:seg_ptr[m+1]]``,
-    sorted ascending. ``pix_ptr/pix_seg``: segments containing pixel ``p``.
+    Pixels of segment ``m``: ``seg_pix[seg_ptr[m]:seg_ptr[m + 1]]`` (in no particular
+    order). Segments that contain pixel ``p``: ``pix_seg[pix_ptr[p]:pix_ptr[p + 1]]``.
     """
 
     n_segments: int
@@ -55,21 +54,31 @@ class Membership:
     pix_seg: np.ndarray
 
     @classmethod
-    def from_pairs(cls, seg: np.ndarray, pix: np.ndarray, n_segments: int, n_pixels: int):
-        ones = np.ones(seg.size, dtype=np.int8)
-        # scipy's COO -> CSR/CSC conversions are linear-time counting sorts.
-        coo = sp.coo_array((ones, (seg, pix)), shape=(n_segments, n_pixels))
-        csr = coo.tocsr()
-        csr.sort_indices()
-        csc = coo.tocsc()
+    def from_pairs(
+        cls, seg: np.ndarray, pix: np.ndarray, n_segments: int, n_pixels: int
+    ) -> Membership:
+        """From ``(segment, pixel)`` index pairs, each pair given once."""
+        seg = np.asarray(seg, dtype=np.int64)
+        pix = np.asarray(pix, dtype=np.int64)
+        # Stable argsorts: a radix sort for 16-bit segment ids, and a merge of the few
+        # ascending runs the pixel ids come in; no full comparison sort of the pairs.
+        small = np.int16 if n_segments <= np.iinfo(np.int16).max else np.int64
+        by_seg = np.argsort(seg.astype(small), kind="stable")
+        by_pix = np.argsort(pix, kind="stable")
         return cls(
             n_segments=n_segments,
             n_pixels=n_pixels,
-            seg_ptr=csr.indptr.astype(np.int64),
-            seg_pix=csr.indices.astype(np.int64),
-            pix_ptr=csc.indptr.astype(np.int64),
-            pix_seg=csc.indices.astype(np.int64),
+            seg_ptr=_pointers(seg, n_segments),
+            seg_pix=pix[by_seg],
+            pix_ptr=_pointers(pix, n_pixels),
+            pix_seg=seg[by_pix],
         )
+
+
+def _pointers(ids: np.ndarray, n: int) -> np.ndarray:
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ids, minlength=n), out=ptr[1:])
+    return ptr
 
 
 # -- segmentations --------------------------------------------------------------------------
@@ -200,10 +209,9 @@ def label_pairs(labels: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray
     word_of, bit_of = flat // _WORD, (flat % _WORD).astype(np.uint64)
     own_bit = np.left_shift(np.uint64(1), bit_of)
     for k in range(math.ceil(n_labels / _WORD)):
-        mine = word_of == k
-        bits = np.where(mine, own_bit, np.uint64(0)).reshape(labels.shape)
-        grown = _dilate_bits(bits, fp).reshape(-1)
-        grown[mine] &= ~own_bit[mine]  # the own label is already listed
+        bits = np.where(word_of == k, own_bit, np.uint64(0))
+        grown = _dilate_bits(bits.reshape(labels.shape), fp).reshape(-1)
+        grown &= ~bits  # the own label is already listed
         pix = np.flatnonzero(grown)
         vals = grown[pix]
         # A pixel near a boundary sees only a few labels: peel off the lowest set bit
@@ -287,8 +295,9 @@ def greedy_regions(
     gain = np.empty(n_seg, dtype=np.float64)
 
     def new_pixels(m: int) -> np.ndarray:
+        # Ascending, i.e. row-major: the mean then sums in a boolean mask's order.
         pix = seg_pix[seg_ptr[m] : seg_ptr[m + 1]]
-        return pix[~covered[pix]]
+        return np.sort(pix[~covered[pix]])
 
     while n_covered / n_pix <= area_threshold:
         alive &= counts >= min_pixel_diff
