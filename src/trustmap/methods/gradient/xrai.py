@@ -30,7 +30,7 @@ Segments = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray] | Non
 @register(
     "xrai",
     family="gradient",
-    summary="integrated gradients summed over image regions, regions ranked greedily by gain",
+    summary="integrated gradients averaged over regions added greedily by gain density",
     paper="Kapishnikov, Bolukbasi, Viegas, Terry 2019, XRAI: better attributions through regions",
 )
 class XRAI(Explainer):
@@ -83,7 +83,8 @@ class XRAI(Explainer):
     min_size:
         Felzenszwalb's minimum segment size in pixels of the segmentation grid.
     resize:
-        2D segmentation grid ``(H, W)``; ``None`` for native resolution. Ignored in 3D.
+        2D segmentation grid ``(H, W)`` (an int: square); ``None`` for native
+        resolution. Ignored in 3D.
     dilation_radius:
         Radius of the disk (2D, default 5) or ball (3D, default 2) each segment is
         dilated by, in pixels of the input.
@@ -94,9 +95,19 @@ class XRAI(Explainer):
     min_pixel_diff:
         Drop segments that would add fewer new pixels than this.
     seed:
-        For ``"uniform"`` baselines (the i-th such baseline uses ``seed + i``).
+        For ``"uniform"`` baselines (the one at position ``i`` uses ``seed + i``).
     blur_sigma:
         Gaussian sigma in voxels for ``"blur"`` baselines.
+
+    Notes
+    -----
+    With the same integrated gradients (``base_attribution``) the map equals PAIR's
+    ``XRAI.GetMask`` to rounding. PAIR's own integrated gradients weight all ``n`` nodes
+    (both ends included) by ``1 / n``; ``rule`` here is a proper quadrature, so
+    end-to-end maps differ from PAIR's by that quadrature difference, ``O(1 / n)``.
+    Cost beyond the gradient passes is the segmentation (scikit-image, single-threaded:
+    it holds the GIL, so threads would not help), about 0.2 s per 2D image on the
+    224 grid and 0.05 s at 128 x 128 native; the greedy merge is a few milliseconds.
     """
 
     def __init__(
