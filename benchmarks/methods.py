@@ -15,7 +15,7 @@ none slower than its fastest peer.
 
 Usage::
 
-    python benchmarks/methods.py                      # everything, about 25 min on 2 cores
+    python benchmarks/methods.py                      # everything, 10-15 min on 2 cores
     python benchmarks/methods.py --quick              # 2D only, one repeat
     python benchmarks/methods.py --methods gradient,grad_cam --dims 3 --repeats 1
     python benchmarks/methods.py --markdown           # also a markdown table (README)
@@ -283,6 +283,10 @@ def _s(v: float | None) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _sec(v: float | None) -> str:
+    return "n/a" if v is None else f"{_s(v)} s"
+
+
 def _x(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
@@ -494,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             peers = ", ".join(f"{k} {_s(v)}" for k, v in r["peers"].items()) or "none"
             extra = f"  [{r['error']}]" if r.get("error") else ""
             print(
-                f"  {name:<22} trustmap {_s(r['seconds'])} s  limit {_s(r['limit_seconds'])} s"
+                f"  {name:<22} trustmap {_sec(r['seconds'])}  limit {_sec(r['limit_seconds'])}"
                 f"  peers: {peers}  ({time.perf_counter() - t0:.0f} s){extra}",
                 flush=True,
             )
@@ -505,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(results)
     print()
     print(format_table(rows))
-    print("* warm-up counted as the measurement (call longer than --long-call)")
+    if any(r.get("warmup_counted") for m in results.values() for r in m.values()):
+        print(f"* the warm-up was the measurement (a call of {args.long_call:g} s or more)")
     judged = [r for m in results.values() for r in m.values() if r["targets_met"] is not None]
     held = sum(bool(r["targets_met"]) for r in judged)
     print(f"targets hold for {held} of {len(judged)} (method, dims) pairs; total {total:.0f} s")
