@@ -1,0 +1,2 @@
+"""Perturbation family: occlusion, LIME, KernelSHAP, Shapley sampling, RISE, meaningful and
+extremal perturbations, HiPe, iterative saliency."""
