@@ -1,0 +1,5 @@
+"""Metrics: pure functions returning frozen dataclasses."""
+
+from trustmap.metrics.classification import ClassificationReport, MetricCI, classification_report
+
+__all__ = ["ClassificationReport", "MetricCI", "classification_report"]
