@@ -180,6 +180,19 @@ def _int(value: str, option: str) -> int:
         ) from None
 
 
+def _register_subcommands() -> None:
+    # Imported here rather than at the top so that ``trustmap methods`` stays quick; the
+    # modules themselves import torch and the data stack lazily inside their commands.
+    from trustmap.cli.data import app as data_app
+    from trustmap.cli.train import train
+
+    app.add_typer(data_app, name="data")
+    app.command(name="train")(train)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 
