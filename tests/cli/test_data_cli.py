@@ -64,3 +64,18 @@ def test_make_reports_bad_input_on_one_line(tmp_path):
 
     result = runner.invoke(app, ["make", "ct-nodule", "--out", str(tmp_path / "z"), "--size", "a"])
     assert result.exit_code == 2 and "--size" in result.output
+
+
+def test_measure_auc_writes_the_measured_difficulty_into_the_card(tmp_path):
+    out = tmp_path / "ct"
+    result = runner.invoke(
+        app,
+        ["make", "ct-nodule", "--out", str(out), "--n", "60", "--size", "32", "--seed", "1",
+         "--measure-auc"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    measured = json.loads((out / "dataset.json").read_text())["measured_auc"]
+    assert measured["arch"] == "small_cnn" and measured["seed"] == 1
+    assert 0.0 <= measured["ci95"][0] <= measured["test_auc"] <= measured["ci95"][1] <= 1.0
+    assert f"{measured['test_auc']:.3f}" in result.output
+    assert f"{measured['test_auc']:.3f}" in (out / "DATASET_CARD.md").read_text()

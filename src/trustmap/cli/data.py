@@ -79,6 +79,13 @@ def make(
     workers: Annotated[
         int | None, typer.Option(help="Processes to render with (default: up to 2).")
     ] = None,
+    measure_auc: Annotated[
+        bool,
+        typer.Option(
+            "--measure-auc",
+            help="Then train small_cnn on it and record its test ROC AUC in the card.",
+        ),
+    ] = False,
 ) -> None:
     """Generate a phantom dataset (images, masks, manifest, boxes, card, preview)."""
     from trustmap.data.phantoms import make_dataset
@@ -122,3 +129,13 @@ def make(
         parts = ", ".join(f"{counts.get(str(i), 0)} {c}" for i, c in enumerate(names))
         typer.echo(f"  {split}: {parts}")
     typer.echo(f"preview: {path / 'preview.png'}")
+    if measure_auc:
+        from trustmap.models.calibrate import measure_dataset_auc
+
+        typer.echo("measuring difficulty: training small_cnn (a few minutes on a CPU)")
+        measured = measure_dataset_auc(path, seed=seed)
+        low, high = measured["ci95"]
+        typer.echo(
+            f"  test ROC AUC {measured['test_auc']:.3f} [{low:.3f}, {high:.3f}] after "
+            f"{measured['epochs']} epochs, {measured['seconds']:.0f} s (in dataset.json)"
+        )
