@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _relevance
+import _relevance_ref
 import trustmap
 from _limits import (
     DEFAULT_LAYER,
@@ -92,6 +94,15 @@ SMOKE_PARAMS: dict[str, dict[str, Any]] = {
     "score_cam": {"layer": SMOKE_LAYER},
     "ablation_cam": {"layer": SMOKE_LAYER},
 }
+# The families benchmarked by their own modules: each adds its peers, its settings and a
+# limit rule (tried before the generic rules of _limits.py).
+PEERS = {**PEERS, **_relevance.PEERS, **_relevance_ref.RELEVANCE_PEERS}
+BENCH_PARAMS.update(_relevance_ref.RELEVANCE_BENCH_PARAMS)
+FAMILY_LIMITS = (
+    lambda name, params, s: _relevance.limit_plan(name, s),
+    _relevance_ref.relevance_limit_plan,
+)
+FAMILY_PREPARE = (_relevance_ref.prepare,)
 NOTES = [
     "smooth_ig is timed with n_samples=5, n_steps=25 (125 passes; the library default is "
     "25 x 25 = 625)",
@@ -157,6 +168,8 @@ def _error(exc: BaseException) -> str:
 def time_trustmap(name: str, s: Setting, args: argparse.Namespace) -> tuple[Timing, dict]:
     cls = trustmap.get_method(name)
     explainer = cls(s.model, **accepted(cls, args.params.get(name, {})))
+    for prepare in FAMILY_PREPARE:  # one-off fitting (PatternNet) is not the timed call
+        prepare(name, explainer, s)
     last: dict[str, Any] = {}
 
     def run() -> None:
@@ -230,7 +243,9 @@ def bench_method(
     gc.collect()
 
     try:
-        plan = limit_plan(name, cls, params, s, layer_lookup(s.model))
+        plan = next(
+            (p for rule in FAMILY_LIMITS if (p := rule(name, params, s)) is not None), None
+        ) or limit_plan(name, cls, params, s, layer_lookup(s.model))
     except Exception as exc:
         plan = None
         record["limit_error"] = _error(exc)

@@ -19,6 +19,17 @@ CHEAP = {
     "smooth_ig": {"n_samples": 2, "n_steps": 2},
     "xrai": {"n_steps": 2},
     "ablation_cam": {"batch_size": 512},
+    "occlusion": {"window": 32, "stride": 32},
+    "lime": {"n_samples": 4, "segmentation": "grid", "n_segments": 4},
+    "kernel_shap": {"n_samples": 2, "segmentation": "grid", "n_segments": 4},
+    "shapley_sampling": {"n_samples": 1, "segmentation": "grid", "n_segments": 4},
+    "rise": {"n_samples": 4, "batch_size": 8},
+    "meaningful_perturbation": {"n_iter": 1},
+    "extremal_perturbation": {"n_iter": 1, "step": 16},
+    "hipe": {"start_cells": 2, "min_window": 64, "batch_size": 8},
+    "iterative_saliency": {"max_iter": 2},
+    "deep_shap": {"background": 2},
+    "gradient_shap": {"background": 2, "n_samples": 2},
 }
 # Score-CAM costs one forward pass per channel of its layer; a 64-channel layer keeps the
 # test short while still exercising the method end to end on the real network.
