@@ -16,6 +16,17 @@ FAST = {
     "smoothgrad": {"n_samples": 3},
     "smooth_ig": {"n_samples": 2, "n_steps": 3},
     "xrai": {"n_steps": 3},
+    "occlusion": {"window": 4},
+    "lime": {"n_samples": 16, "n_segments": 8},
+    "kernel_shap": {"n_samples": 16, "n_segments": 8},
+    "shapley_sampling": {"n_samples": 4, "n_segments": 8},
+    "rise": {"n_samples": 8},
+    "meaningful_perturbation": {"n_iter": 3},
+    "extremal_perturbation": {"n_iter": 3, "areas": (0.1, 0.2)},
+    "hipe": {"min_window": 4},
+    "iterative_saliency": {"max_iter": 2},
+    "deep_shap": {"background": 3},
+    "gradient_shap": {"background": 3, "n_samples": 4},
 }
 
 
