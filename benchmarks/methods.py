@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _perturbation_masks
+import _perturbation_segments
 import _relevance
 import _relevance_ref
 import trustmap
@@ -96,11 +98,34 @@ SMOKE_PARAMS: dict[str, dict[str, Any]] = {
 }
 # The families benchmarked by their own modules: each adds its peers, its settings and a
 # limit rule (tried before the generic rules of _limits.py).
-PEERS = {**PEERS, **_relevance.PEERS, **_relevance_ref.RELEVANCE_PEERS}
-BENCH_PARAMS.update(_relevance_ref.RELEVANCE_BENCH_PARAMS)
+# Rules take (name, params, setting, params the explanation reported), since some costs
+# (HiPe's refinement, iterative saliency's iterations) are only known after the call.
+PEERS = {
+    **PEERS,
+    **_relevance.PEERS,
+    **_relevance_ref.RELEVANCE_PEERS,
+    **_perturbation_segments.PEERS,
+    **_perturbation_masks.PEERS,
+}
+for _family in (_relevance_ref.RELEVANCE_BENCH_PARAMS, _perturbation_segments.BENCH_PARAMS):
+    BENCH_PARAMS.update(_family)
+BENCH_PARAMS.update(_perturbation_masks.BENCH_PARAMS)
+SMOKE_PARAMS.update(
+    {
+        "occlusion": {"window": 32, "stride": 32},
+        "lime": {"n_samples": 20, "seed": 0},
+        "kernel_shap": {"n_samples": 20, "seed": 0},
+        "shapley_sampling": {"n_samples": 2, "seed": 0},
+        "rise": {"n_samples": 16, "seed": 0},
+        "meaningful_perturbation": {"n_iter": 2, "seed": 0},
+        "extremal_perturbation": {"n_iter": 2, "seed": 0},
+    }
+)
 FAMILY_LIMITS = (
-    lambda name, params, s: _relevance.limit_plan(name, s),
-    _relevance_ref.relevance_limit_plan,
+    lambda name, params, s, used: _relevance.limit_plan(name, s),
+    lambda name, params, s, used: _relevance_ref.relevance_limit_plan(name, params, s),
+    _perturbation_segments.limit_plan,
+    _perturbation_masks.limit_plan,
 )
 FAMILY_PREPARE = (_relevance_ref.prepare,)
 NOTES = [
@@ -224,6 +249,7 @@ def bench_method(
         "peers": {},
         "params": _json_safe({k: v for k, v in params.items() if not isinstance(v, torch.Tensor)}),
     }
+    used: dict[str, Any] = {}
     try:
         timing, used = time_trustmap(name, s, args)
         record.update(
@@ -244,7 +270,8 @@ def bench_method(
 
     try:
         plan = next(
-            (p for rule in FAMILY_LIMITS if (p := rule(name, params, s)) is not None), None
+            (p for rule in FAMILY_LIMITS if (p := rule(name, params, s, used)) is not None),
+            None,
         ) or limit_plan(name, cls, params, s, layer_lookup(s.model))
     except Exception as exc:
         plan = None

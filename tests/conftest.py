@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-torch.set_num_threads(2)
+# `make test` runs two xdist workers on the two cores; each gets one thread so the workers
+# do not oversubscribe the CPU. A plain `pytest` run uses both cores in one process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 class TinyCNN(nn.Module):
