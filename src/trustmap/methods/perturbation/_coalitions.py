@@ -315,26 +315,18 @@ class SegmentGame:
 
 
 def setup_game(
-    explainer: Any,
-    x: torch.Tensor,
-    target: Any,
-    *,
-    segments: object,
-    segmentation: object,
-    n_segments: object,
-    segmentation_params: object,
-    baseline: object,
-    blur_sigma: float | None,
-    batch_size: object,
-    generator: torch.Generator,
+    explainer: Any, x: torch.Tensor, target: Any, *, generator: torch.Generator
 ) -> SegmentGame:
-    """Validate the shared options, segment ``x`` and build the off values; no forward
-    pass yet (see :meth:`SegmentGame.values`)."""
-    rows = batch_rows(x, batch_size)
-    seg = prepare(x, segments, segmentation, n_segments, segmentation_params)
-    off = reference(x, baseline, seg, generator=generator, blur_sigma=blur_sigma)
+    """Validate the options every segment method shares (``segments``, ``segmentation``,
+    ``n_segments``, ``segmentation_params``, ``baseline``, ``blur_sigma``, ``batch_size``,
+    read from the explainer), segment ``x`` and build the off values; no forward pass yet
+    (see :meth:`SegmentGame.values`)."""
+    e = explainer
+    rows = batch_rows(x, e.batch_size)
+    seg = prepare(x, e.segments, e.segmentation, e.n_segments, e.segmentation_params)
+    off = reference(x, e.baseline, seg, generator=generator, blur_sigma=e.blur_sigma)
     return SegmentGame(
-        forward=FastLayout(explainer.forward, x.device),
+        forward=FastLayout(e.forward, x.device),
         x=x,
         seg=seg,
         off=off,

@@ -203,19 +203,7 @@ class KernelShap(Explainer):
         n = None if self.n_samples is None else positive_samples(self.n_samples)
         seed = resolve_seed(self.seed)
         gen = seed_generator(seed)
-        game = setup_game(
-            self,
-            x,
-            target,
-            segments=self.segments,
-            segmentation=self.segmentation,
-            n_segments=self.n_segments,
-            segmentation_params=self.segmentation_params,
-            baseline=self.baseline,
-            blur_sigma=self.blur_sigma,
-            batch_size=self.batch_size,
-            generator=gen,
-        )
+        game = setup_game(self, x, target, generator=gen)
         plans = []
         for m in game.seg.counts:
             budget = 2 * m + 2048 if n is None else n

@@ -230,19 +230,7 @@ class Lime(Explainer):
             raise ValueError(f"n_features must be a positive integer or None, got {n_features!r}")
         seed = resolve_seed(self.seed)
         gen = seed_generator(seed)
-        game = setup_game(
-            self,
-            x,
-            target,
-            segments=self.segments,
-            segmentation=self.segmentation,
-            n_segments=self.n_segments,
-            segmentation_params=self.segmentation_params,
-            baseline=self.baseline,
-            blur_sigma=self.blur_sigma,
-            batch_size=self.batch_size,
-            generator=gen,
-        )
+        game = setup_game(self, x, target, generator=gen)
         designs = []
         for m in game.seg.counts:
             z = torch.randint(0, 2, (n, m), generator=gen, dtype=torch.bool)

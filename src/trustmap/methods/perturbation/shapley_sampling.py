@@ -135,19 +135,7 @@ class ShapleySampling(Explainer):
         sampling = choice("sampling", self.sampling, SAMPLING)
         seed = resolve_seed(self.seed)
         gen = seed_generator(seed)
-        game = setup_game(
-            self,
-            x,
-            target,
-            segments=self.segments,
-            segmentation=self.segmentation,
-            n_segments=self.n_segments,
-            segmentation_params=self.segmentation_params,
-            baseline=self.baseline,
-            blur_sigma=self.blur_sigma,
-            batch_size=self.batch_size,
-            generator=gen,
-        )
+        game = setup_game(self, x, target, generator=gen)
         orders, designs = [], []
         for m in game.seg.counts:
             perms = permutations(m, n, sampling, gen)
