@@ -1070,6 +1070,67 @@ def _youden(y: np.ndarray, p: np.ndarray) -> float:
     return float(min(max(thr[best], 0.0), 1.0))
 
 
+def _findings(
+    model: nn.Module,
+    arch: str,
+    data: _Data,
+    task: _Task,
+    config: TrainConfig,
+    history: list[dict[str, Any]],
+    info: Mapping[str, Any],
+) -> list[Finding]:
+    """The checks of paper 000's appendix after training (none when ``config.checks`` is
+    off): learning curves, dead feature maps on the validation set, the data itself."""
+    if not config.checks:
+        return []
+    findings = check_learning_curves(history, best_epoch=info["best_epoch"])
+    val_images = data.images[torch.as_tensor(data.split["val"])]
+    findings += check_dead_feature_maps(
+        model, task.to_device(val_images), batch_size=config.eval_batch_size
+    )
+    return findings + _data_findings(data, task, arch)
+
+
+def _save_result(
+    out: Path,
+    model: nn.Module,
+    arch: str,
+    data: _Data,
+    config: TrainConfig,
+    num_classes: int,
+    card: dict[str, Any],
+    history: list[dict[str, Any]],
+    findings: list[Finding],
+    info: Mapping[str, Any],
+) -> TrainResult:
+    """Write ``model.pt`` and the model card; the result of a finished run."""
+    from trustmap.models.card import write_model_card
+    from trustmap.models.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(
+        out / "model.pt",
+        model,
+        arch=arch,
+        spatial_dims=data.spatial_dims,
+        in_channels=data.in_channels,
+        num_classes=num_classes,
+        extra=_checkpoint_extra(card),
+        **dict(config.model_kwargs),
+    )
+    write_model_card(out, card)
+    return TrainResult(
+        model=model,
+        out=out,
+        checkpoint=ckpt,
+        card=card,
+        history=history,
+        findings=findings,
+        best_epoch=info["best_epoch"],
+        epochs_run=info["epochs_run"],
+        seconds=info["seconds"],
+    )
+
+
 def train_classifier(
     dataset: Any,
     arch: str = "small_cnn",
@@ -1132,9 +1193,6 @@ def train_classifier(
     def finalize(
         model: nn.Module, history: list[dict[str, Any]], info: dict[str, Any]
     ) -> TrainResult:
-        from trustmap.models import save_checkpoint
-        from trustmap.models.card import write_model_card
-
         test = task.evaluate(model, "test")
         val = task.evaluate(model, "val")
         binary = task.num_classes == 2
@@ -1144,14 +1202,7 @@ def train_classifier(
         elif binary:
             threshold = float(config.threshold)
         test_metrics = _classification_metrics(test, threshold, config, seed, task.num_classes)
-        findings: list[Finding] = []
-        if config.checks:
-            findings += check_learning_curves(history, best_epoch=info["best_epoch"])
-            val_images = data.images[torch.as_tensor(data.split["val"])]
-            findings += check_dead_feature_maps(
-                model, task.to_device(val_images), batch_size=config.eval_batch_size
-            )
-            findings += _data_findings(data, task, arch)
+        findings = _findings(model, arch, data, task, config, history, info)
         card = _base_card("classifier", arch, seed, data, config, model, info)
         card.update(
             {
@@ -1165,27 +1216,8 @@ def train_classifier(
                 "findings": [f.to_dict() for f in findings],
             }
         )
-        ckpt = save_checkpoint(
-            out / "model.pt",
-            model,
-            arch=arch,
-            spatial_dims=data.spatial_dims,
-            in_channels=data.in_channels,
-            num_classes=task.num_classes,
-            extra=_checkpoint_extra(card),
-            **dict(config.model_kwargs),
-        )
-        write_model_card(out, card)
-        return TrainResult(
-            model=model,
-            out=out,
-            checkpoint=ckpt,
-            card=card,
-            history=history,
-            findings=findings,
-            best_epoch=info["best_epoch"],
-            epochs_run=info["epochs_run"],
-            seconds=info["seconds"],
+        return _save_result(
+            out, model, arch, data, config, task.num_classes, card, history, findings, info
         )
 
     return _run(
@@ -1356,9 +1388,6 @@ def train_localizer(
     def finalize(
         model: nn.Module, history: list[dict[str, Any]], info: dict[str, Any]
     ) -> TrainResult:
-        from trustmap.models import save_checkpoint
-        from trustmap.models.card import write_model_card
-
         test = task.evaluate(model, "test")
         labels = test["labels"].numpy()
         positive = len(data.classes) - 1
@@ -1378,14 +1407,7 @@ def train_localizer(
             "threshold": 0.5,
             "auprc_definition": "average precision of localization_map against the mask, per image",
         }
-        findings: list[Finding] = []
-        if config.checks:
-            findings += check_learning_curves(history, best_epoch=info["best_epoch"])
-            val_images = data.images[torch.as_tensor(data.split["val"])]
-            findings += check_dead_feature_maps(
-                model, task.to_device(val_images), batch_size=config.eval_batch_size
-            )
-            findings += _data_findings(data, task, arch)
+        findings = _findings(model, arch, data, task, config, history, info)
         card = _base_card("localizer", arch, seed, data, config, model, info)
         card.update(
             {
@@ -1395,28 +1417,7 @@ def train_localizer(
                 "findings": [f.to_dict() for f in findings],
             }
         )
-        ckpt = save_checkpoint(
-            out / "model.pt",
-            model,
-            arch=arch,
-            spatial_dims=data.spatial_dims,
-            in_channels=data.in_channels,
-            num_classes=1,
-            extra=_checkpoint_extra(card),
-            **dict(config.model_kwargs),
-        )
-        write_model_card(out, card)
-        return TrainResult(
-            model=model,
-            out=out,
-            checkpoint=ckpt,
-            card=card,
-            history=history,
-            findings=findings,
-            best_epoch=info["best_epoch"],
-            epochs_run=info["epochs_run"],
-            seconds=info["seconds"],
-        )
+        return _save_result(out, model, arch, data, config, 1, card, history, findings, info)
 
     return _run(
         task,
