@@ -185,9 +185,11 @@ def _register_subcommands() -> None:
     # modules themselves import torch and the data stack lazily inside their commands.
     from trustmap.cli.data import app as data_app
     from trustmap.cli.train import train
+    from trustmap.cli.trust import trust
 
     app.add_typer(data_app, name="data")
     app.command(name="train")(train)
+    app.command(name="trust")(trust)
 
 
 _register_subcommands()

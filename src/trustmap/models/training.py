@@ -442,6 +442,17 @@ def _prepare(dataset: Any, config: TrainConfig) -> _Data:
     )
 
 
+def prepare_data(dataset: Any, config: TrainConfig) -> _Data:
+    """The tensors training sees: the dataset opened, split and resized as ``config`` says.
+
+    Returns an object with ``images`` ``(N, C, *size)``, ``labels``, ``masks``
+    ``(N, 1, *size)``, ``ids``, ``split`` (``{"train", "val", "test"}`` -> indices),
+    ``counts()`` and ``fingerprint()``; the trust protocol evaluates maps on exactly the
+    images and masks the models were trained on.
+    """
+    return _prepare(dataset, config)
+
+
 def _device(config: TrainConfig) -> torch.device:
     try:
         dev = torch.device(config.device)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -221,7 +223,7 @@ class XRAI(Explainer):
                 labels = seg.felzenszwalb_labels(hwc, scales, sigma, min_size, grid)
                 return seg.dilated_membership(labels, radius)
 
-            return segment
+            return _memoized(segment, ("felzenszwalb", scales, sigma, min_size, grid, radius))
         scales = _check_scales(self.scales, seg.SLIC_SEGMENTS, integer=True)
         compactness = _check_nonneg("compactness", self.compactness)
         if compactness == 0:
@@ -231,7 +233,34 @@ class XRAI(Explainer):
             labels = seg.slic_labels(np.moveaxis(image, 0, -1), scales, compactness, sigma)
             return seg.dilated_membership(labels, radius)
 
-        return segment_3d
+        return _memoized(segment_3d, ("slic", scales, compactness, sigma, radius))
+
+
+# The segments depend on the image and the options only, not on the model: protocols that
+# explain the same images with many models (paper 004's randomization stages, replicates)
+# segment each image once. Bounded, so long runs do not grow memory without limit.
+_SEGMENT_CACHE: OrderedDict[tuple, seg.Membership] = OrderedDict()
+_SEGMENT_CACHE_SIZE = 512
+
+
+def _memoized(
+    segment: Callable[[np.ndarray], seg.Membership], options: tuple
+) -> Callable[[np.ndarray], seg.Membership]:
+    def cached(image: np.ndarray) -> seg.Membership:
+        data = np.ascontiguousarray(image)
+        digest = hashlib.sha256(data.tobytes()).hexdigest()
+        key = (digest, data.shape, str(data.dtype), repr(options))
+        hit = _SEGMENT_CACHE.get(key)
+        if hit is not None:
+            _SEGMENT_CACHE.move_to_end(key)
+            return hit
+        members = segment(image)
+        _SEGMENT_CACHE[key] = members
+        if len(_SEGMENT_CACHE) > _SEGMENT_CACHE_SIZE:
+            _SEGMENT_CACHE.popitem(last=False)
+        return members
+
+    return cached
 
 
 # -- validation -------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""``trustmap trust``: paper 004's trust protocol for a set of explainers, with verdicts.
+
+The command is a plain function; the main app registers it with ``app.command()(trust)``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+_MARK = {
+    "pass": "[green]pass[/]",
+    "fail": "[red]did not pass[/]",
+    "uncertain": "[yellow]uncertain[/]",
+}
+
+
+def trust(
+    out: Annotated[Path, typer.Option(help="output directory (a run found there resumes)")] = Path(
+        "trust_out"
+    ),
+    config: Annotated[
+        Path | None, typer.Option(help="TOML or YAML config (dataset, models, methods, ...)")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="the quick preset: a few minutes on 2 CPU cores")
+    ] = False,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="the full preset, closer to paper 004 (meant for a GPU)"),
+    ] = False,
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", "-m", help="a registered method (repeat; default: paper 004's 8)"),
+    ] = None,
+    n_images: Annotated[int | None, typer.Option(help="positive test images to evaluate")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+) -> None:
+    """Run paper 004's trust protocol: localization utility, sensitivity to weight
+    randomization, repeatability and reproducibility, each tested against its baselines,
+    with a pass / did not pass / uncertain verdict per method. Writes results.json,
+    per_image.csv, figures and a self-contained report.html into OUT."""
+    try:
+        _trust(out, config, quick, full, method, n_images, device, threads)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _trust(
+    out: Path,
+    config: Path | None,
+    quick: bool,
+    full: bool,
+    methods: list[str] | None,
+    n_images: int | None,
+    device: str | None,
+    threads: int | None,
+) -> None:
+    import torch
+
+    from trustmap.trust import TrustConfig, load_config, run
+
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other")
+    overrides: dict[str, Any] = {"out": str(out)}
+    if methods:
+        overrides["methods"] = list(methods)
+    if n_images is not None:
+        overrides["n_images"] = n_images
+    if device is not None:
+        overrides["device"] = device
+    if config is not None:
+        if quick or full:
+            overrides["preset"] = "quick" if quick else "full"
+        cfg = load_config(config, **overrides)
+    else:
+        preset = "quick" if quick else "full" if full else "default"
+        cfg = TrustConfig.from_preset(preset, **overrides)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task: TaskID = bar.add_task("trust", total=None)
+
+        def progress(text: str, done: int, total: int) -> None:
+            bar.update(task, description=escape(text), completed=done, total=total or None)
+
+        result = run(cfg, progress=progress)
+    _print_summary(result.results)
+    console.print(
+        f"\nwrote {escape(str(result.files['report']))} and results.json, per_image.csv, "
+        f"figures/ in {escape(str(result.out))} ({time.perf_counter() - started:.0f} s)"
+    )
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    table = Table(title="paper 004's four criteria")
+    table.add_column("method")
+    for criterion in ("utility", "randomization", "repeatability", "reproducibility"):
+        table.add_column(criterion)
+    verdicts = results["summary"]["verdicts"]
+    for method, row in verdicts.items():
+        cells = []
+        for criterion, verdict in row.items():
+            mean = results["methods"][method][criterion]["mean"]
+            value = "—" if mean is None else f"{mean:.2f}"
+            cells.append(f"{value} {_MARK.get(verdict, verdict)}")
+        table.add_row(method, *cells)
+    console.print(table)
+    passing = results["summary"]["passes_all"]
+    if passing:
+        console.print(f"passed all four criteria: {', '.join(passing)}")
+    else:
+        console.print("[bold]No method passed all four criteria.[/]")
