@@ -198,10 +198,12 @@ class TrustConfig:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods: a method is listed twice in {self.methods}")
         for name, params in self.method_params.items():
-            if name not in self.methods:
-                raise ValueError(
-                    f"method_params: {name!r} is not one of the methods run ({self.methods})"
-                )
+            # The presets set parameters for methods a config may leave out; only a name
+            # that is no method at all is an error.
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"method_params: unknown method {name!r}{hint}")
             if not isinstance(params, Mapping):
                 raise ValueError(f"method_params.{name} must be a table of parameters")
             _check_method_params(name, params)
