@@ -50,7 +50,7 @@ def finished(tmp_path_factory):
 
 
 def test_outputs_and_schema(finished) -> None:
-    _, out, result = finished
+    _, out, _ = finished
     for name in ("results.json", "per_image.csv", "report.html"):
         assert (out / name).is_file()
     text = (out / "results.json").read_text()
@@ -118,21 +118,21 @@ def test_changed_parameter_recomputes_only_that_method(finished, tmp_path) -> No
 
 def test_unknown_method_fails_before_any_work(tmp_path) -> None:
     out = tmp_path / "never"
-    with pytest.raises(ValueError, match="unknown method 'grad_cma'.*grad_cam"):
+    with pytest.raises(ValueError, match=r"unknown method 'grad_cma'.*grad_cam"):
         run({"methods": ["grad_cma"], "out": str(out)})
     assert not out.exists()
 
 
 def test_missing_checkpoint_fails_before_any_work(tmp_path) -> None:
     cfg = {"out": str(tmp_path / "o"), "models": {"B": {"checkpoints": [str(tmp_path / "no.pt")]}}}
-    with pytest.raises(FileNotFoundError, match="no.pt"):
+    with pytest.raises(FileNotFoundError, match=r"no\.pt"):
         TrustConfig.from_mapping(cfg)
 
 
 def test_config_errors_name_the_key(tmp_path) -> None:
-    with pytest.raises(ValueError, match="unknown key 'n_image'.*n_images"):
+    with pytest.raises(ValueError, match=r"unknown key 'n_image'.*n_images"):
         TrustConfig.from_mapping({"n_image": 3})
-    with pytest.raises(ValueError, match="models.A.seeds: 2 needed"):
+    with pytest.raises(ValueError, match=r"models\.A\.seeds: 2 needed"):
         TrustConfig.from_mapping({"models": {"A": {"seeds": [0]}}})
     with pytest.raises(ValueError, match="must be a localizer"):
         TrustConfig.from_mapping({"models": {"localizer": {"arch": "small_cnn"}}})
@@ -148,7 +148,7 @@ def test_toml_and_yaml_configs_agree(tmp_path) -> None:
     toml = tmp_path / "a.toml"
     toml.write_text(
         'preset = "quick"\nmethods = ["gradient", "xrai"]\nn_images = 7\n'
-        '[models.A]\nseeds = [3, 4]\n[method_params.xrai]\nn_steps = 5\n'
+        "[models.A]\nseeds = [3, 4]\n[method_params.xrai]\nn_steps = 5\n"
     )
     yaml = tmp_path / "a.yaml"
     yaml.write_text(
