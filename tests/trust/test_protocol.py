@@ -195,3 +195,38 @@ def test_average_mask_known_answer() -> None:
 def test_average_mask_errors(masks, message) -> None:
     with pytest.raises(ValueError, match=message):
         average_mask(masks)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from trustmap.cli.main import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["trust", "--out", str(tmp_path / "o"), "-m", "gradeint"])
+    assert result.exit_code == 2
+    assert "unknown method 'gradeint'" in result.output and "Traceback" not in result.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("n_images = 1\n")
+    result = runner.invoke(app, ["trust", "--config", str(cfg)])
+    assert result.exit_code == 2 and "n_images must be >= 2" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_runs_a_config(finished) -> None:
+    from typer.testing import CliRunner
+
+    from trustmap.cli.main import app
+
+    data, out, first = finished
+    cfg = out.parent / "cli.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(tiny_config(data, out)))
+    result = CliRunner().invoke(app, ["trust", "--config", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "paper 004's four criteria" in result.output
+    for method in METHODS:
+        assert method[:10] in result.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["summary"] == first.results["summary"]
