@@ -898,6 +898,7 @@ def write_outputs(
     timings["figures"] = time.perf_counter() - tick
 
     timings["total"] = time.perf_counter() - started
+    results["notes"] = _notes(cfg)
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()
     results["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
@@ -913,6 +914,34 @@ def write_outputs(
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
     files["results"] = out / "results.json"
     return files
+
+
+def _notes(cfg: TrustConfig) -> list[str]:
+    """What a reader must know to compare this run with paper 004."""
+    params = cfg.method_params
+    notes = []
+    if "smooth_ig" in cfg.methods:
+        sig = params.get("smooth_ig", {})
+        n, steps = sig.get("n_samples", 25), sig.get("n_steps", 25)
+        notes.append(
+            f"Smooth IG costs {n} noise samples x {steps} path steps = {n * steps} "
+            "gradient passes per image and model state, the bulk of the run; paper 004's "
+            "25 interpolation steps are kept and the noise samples reduced to fit the time "
+            "budget (set method_params.smooth_ig.n_samples to change it)."
+        )
+    notes += [
+        "Maps are post-processed as in paper 004's code: "
+        + ", ".join(f"{k}={v}" for k, v in PostprocessConfig(**cfg.postprocess).as_dict().items())
+        + ". Localizer maps are its per-pixel lesion probabilities, used as they are.",
+        "Randomization re-initialises each stage's layers with their own initialisers; "
+        "normalisation layers return to their initial state (weight 1, bias 0, running "
+        "statistics 0 and 1).",
+        "Mixed-model p-values are statsmodels' Wald z tests (paper 004 used lmerTest's t "
+        "tests); Tukey HSD is the one-way test, which ignores the pairing by image.",
+        f"Target class: 1 (positive) for every model state; images: {cfg.n_images or 'all'} "
+        "positive test images with a non-empty mask.",
+    ]
+    return notes
 
 
 def _json_safe(value: Any) -> Any:

@@ -429,6 +429,9 @@ def _facts(results: Mapping[str, Any], methods: list[str], per_image: Any) -> st
         f"<li>Statistics: linear mixed-effects model (method fixed, image random intercept), "
         f"two-sided, alpha {_alpha(results):g}; Tukey HSD post hoc.</li>"
     )
+    notes = results.get("notes")
+    if isinstance(notes, (list, tuple)):
+        items.extend(f"<li>{_e(note)}</li>" for note in notes)
     out = [f'<ul class="facts">{"".join(items)}</ul>']
     models = results.get("models")
     if isinstance(models, Mapping) and models:
