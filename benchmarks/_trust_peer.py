@@ -642,7 +642,7 @@ def run_peer(cfg: Any, prepared: Any) -> PeerResult:
             },
         }
     with b("outputs (json, csv)"):
-        files = protocol.write_outputs(
+        _, files = protocol.write_outputs(
             cfg, results, per_image, examples, timings=timings, started=started
         )
     total = time.perf_counter() - started

@@ -184,7 +184,7 @@ def run_trustmap(cfg: Any, prepared: Any, out: Path) -> dict[str, Any]:
         with b("orchestration"):
             results, per_image, examples = evaluate(run_cfg, prepared, timings=timings)
         with b("outputs (json, csv)"):
-            files = write_outputs(
+            _, files = write_outputs(
                 run_cfg, results, per_image, examples, timings=timings, started=started
             )
         total = time.perf_counter() - started

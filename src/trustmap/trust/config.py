@@ -130,7 +130,7 @@ class TrustConfig:
             raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
         data = _preset_dict(name)
         data.update(overrides)
-        return cls.from_mapping(data)
+        return cls.from_mapping(data, base=name)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, base: str | None = None) -> TrustConfig:

@@ -160,7 +160,9 @@ def run(
     timings: dict[str, float] = {}
     prepared = prepare(cfg, progress=progress, timings=timings)
     results, per_image, examples = evaluate(cfg, prepared, progress=progress, timings=timings)
-    files = write_outputs(cfg, results, per_image, examples, timings=timings, started=started)
+    results, files = write_outputs(
+        cfg, results, per_image, examples, timings=timings, started=started
+    )
     return TrustResult(results=results, per_image=per_image, out=out, files=files)
 
 
@@ -865,8 +867,11 @@ def write_outputs(
     *,
     timings: dict[str, float],
     started: float,
-) -> dict[str, Path]:
-    """Figures, ``report.html``, ``results.json`` and ``per_image.csv``, each atomically."""
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Figures, ``report.html``, ``results.json`` and ``per_image.csv``, each atomically.
+
+    Returns the results as written (JSON-safe, with config, versions and timings) and the
+    files by role."""
     from trustmap.core.atomic import atomic_path
     from trustmap.trust import figures
     from trustmap.trust.report import write_report
@@ -913,7 +918,7 @@ def write_outputs(
     results["timings"]["report"] = round(time.perf_counter() - tick, 3)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2, allow_nan=False))
     files["results"] = out / "results.json"
-    return files
+    return results, files
 
 
 def _notes(cfg: TrustConfig) -> list[str]:
@@ -936,8 +941,9 @@ def _notes(cfg: TrustConfig) -> list[str]:
         "Randomization re-initialises each stage's layers with their own initialisers; "
         "normalisation layers return to their initial state (weight 1, bias 0, running "
         "statistics 0 and 1).",
-        "Mixed-model p-values are statsmodels' Wald z tests (paper 004 used lmerTest's t "
-        "tests); Tukey HSD is the one-way test, which ignores the pairing by image.",
+        "Mixed-model p-values: statsmodels' Wald statistic referred to t(images - 1) "
+        "(paper 004 used lmerTest's Satterthwaite t tests); Tukey HSD is the one-way test, "
+        "which ignores the pairing by image.",
         f"Target class: 1 (positive) for every model state; images: {cfg.n_images or 'all'} "
         "positive test images with a non-empty mask.",
     ]
