@@ -1,4 +1,5 @@
-"""Figures of the trust protocol, after paper 004 (Arun et al., Radiology: AI 2021, Figures 2, 3 and 4).
+"""Figures of the trust protocol, after paper 004 (Arun et al., Radiology: AI 2021,
+Figures 2, 3 and 4).
 
 Each function draws one figure from ``results.json`` (and ``per_image.csv`` for the box
 plots), writes it to ``path`` as a PNG, atomically, and returns the path. Figures are built
@@ -426,8 +427,9 @@ def _grid_figure(size: tuple[float, float]) -> Any:
     return fig
 
 
-def _grid_colorbar(fig: Figure, mappable: Any) -> None:
-    fig.colorbar(mappable, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="map")
+def _grid_colorbar(fig: Any, mappable: Any) -> None:
+    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7), label="<colorbar>")
+    fig.colorbar(mappable, cax=cax, label="map")
 
 
 def repro_examples(

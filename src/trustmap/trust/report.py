@@ -1,8 +1,8 @@
 """The trust report: one self-contained HTML file from ``results.json`` and the figures.
 
 The report computes nothing: it reads the results of the trust protocol (schema in the
-protocol's documentation) and lays them out as paper 004 does (Arun et al., Radiology: AI 2021, Tables
-2, 3 and 4), after a one-screen summary of the verdicts. Figures are embedded as base64
+protocol's documentation) and lays them out as paper 004 does (Arun et al., Radiology: AI
+2021, Tables 2, 3 and 4), after a one-screen summary of the verdicts. Figures are embedded as base64
 data URIs and the style sheet is inline, so the file can be mailed or archived alone; it
 needs no JavaScript and fetches nothing.
 
