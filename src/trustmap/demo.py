@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from trustmap.core.atomic import write_text_atomic
-from trustmap.core.registry import list_methods
+from trustmap.core.registry import get_method, list_methods
 from trustmap.run import ImageSummary, explain_image, prepare_tensor
 
 # Cheaper settings for the 3D volume, where every pass costs a 3D DenseNet121 pass; the
@@ -84,7 +84,8 @@ def run_demo(
         "volume3d": (str(volume_path), {}),
     }
     models = {2: seeded_densenet(2), 3: seeded_densenet(3)}
-    chosen = methods or list_methods()
+    # cyclegan_am needs generators trained for the model; the demo's models are untrained.
+    chosen = methods or [m for m in list_methods() if get_method(m).family != "counterfactual"]
     results: dict[str, ImageSummary] = {}
     for name, (path, load_opts) in samples.items():
         image = load(path, **load_opts)

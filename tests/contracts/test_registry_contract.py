@@ -27,11 +27,17 @@ FAST = {
     "iterative_saliency": {"max_iter": 2},
     "deep_shap": {"background": 3},
     "gradient_shap": {"background": 3, "n_samples": 4},
+    # Tiny untrained (G+, G-) for the 2-channel 2D and 3D inputs: built in params_for.
+    "cyclegan_am": {},
 }
 
 
 def params_for(name: str) -> dict:
     params = dict(FAST.get(name, {}))
+    if name == "cyclegan_am":
+        from tests.counterfactual.helpers import contract_generators
+
+        params["generators"] = contract_generators()
     if "seed" in inspect.signature(trustmap.get_method(name).__init__).parameters:
         params["seed"] = 0
     return params

@@ -10,10 +10,12 @@ from monai.networks.nets import DenseNet121, resnet10
 
 import trustmap
 from tests.conftest import assert_no_hooks
+from tests.counterfactual.helpers import contract_generators
 
 # Few passes: this test is about real architectures (concatenation, residual additions,
 # in-place ReLU modules reused, BatchNorm), not about convergence.
 CHEAP = {
+    "cyclegan_am": {"generators": contract_generators()},
     "integrated_gradients": {"n_steps": 2},
     "smoothgrad": {"n_samples": 2},
     "smooth_ig": {"n_samples": 2, "n_steps": 2},

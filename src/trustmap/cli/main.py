@@ -99,11 +99,10 @@ def explain(
     resume: Annotated[bool, typer.Option(help="skip methods already written in --out")] = False,
 ) -> None:
     """Explain one image with one or more methods; write maps, overlays and summary.json."""
-    from trustmap.core.registry import list_methods
     from trustmap.data.io import load
     from trustmap.run import explain_image, load_model, prepare_tensor
 
-    names = list_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
+    names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
     params = _parse_params(param or [], names)
     tgt: int | None = None if target == "predicted" else _int(target, "--target")
     net = load_model(model, str(weights) if weights else None, device)
@@ -150,10 +149,9 @@ def demo(
 ) -> None:
     """Explain the embedded samples (CT, MR, a 3D volume) with every method on an untrained
     MONAI DenseNet121; write overlays, raw maps and summaries."""
-    from trustmap.core.registry import list_methods
     from trustmap.demo import run_demo
 
-    names = list_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
+    names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
     with _progress() as progress:
         task = progress.add_task("demo", total=3 * len(names))
 
@@ -180,14 +178,24 @@ def _int(value: str, option: str) -> int:
         ) from None
 
 
+def _all_methods() -> list[str]:
+    """What ``--method all`` means: every method that needs nothing trained beyond the
+    model (``cyclegan_am`` needs generators from ``trustmap counterfactual train``)."""
+    from trustmap.core.registry import get_method, list_methods
+
+    return [m for m in list_methods() if get_method(m).family != "counterfactual"]
+
+
 def _register_subcommands() -> None:
     # Imported here rather than at the top so that ``trustmap methods`` stays quick; the
     # modules themselves import torch and the data stack lazily inside their commands.
+    from trustmap.cli.counterfactual import app as counterfactual_app
     from trustmap.cli.data import app as data_app
     from trustmap.cli.train import train
     from trustmap.cli.trust import trust
 
     app.add_typer(data_app, name="data")
+    app.add_typer(counterfactual_app, name="counterfactual")
     app.command(name="train")(train)
     app.command(name="trust")(trust)
 
