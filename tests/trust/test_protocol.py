@@ -230,3 +230,15 @@ def test_cli_runs_a_config(finished) -> None:
         assert method[:10] in result.output
     again = json.loads((out / "results.json").read_text())
     assert again["summary"] == first.results["summary"]
+
+
+def test_weak_models_are_named_in_a_warning() -> None:
+    from trustmap.trust.protocol import weak_models
+
+    models = {
+        "A1": {"arch": "small_cnn", "seed": 0, "test_auc": 0.95},
+        "A2": {"arch": "small_cnn", "seed": 1, "test_auc": 0.58},
+        "L1": {"arch": "unet", "seed": 0, "test_auc": None},
+    }
+    (warning,) = weak_models(models)
+    assert "A2" in warning and "0.58" in warning and "seed 1" in warning

@@ -109,6 +109,9 @@ def _trust(
             bar.update(task, description=escape(text), completed=done, total=total or None)
 
         result = run(cfg, progress=progress)
+    for note in result.results.get("notes", []):
+        if note.startswith("WARNING"):
+            console.print(f"[yellow]{escape(note)}[/]")
     _print_summary(result.results)
     console.print(
         f"\nwrote {escape(str(result.files['report']))} and results.json, per_image.csv, "

@@ -302,7 +302,10 @@ def _model(
         dataset, spec.arch, out=out, seed=seed, config=cfg.train_config(**extra), progress=on_event
     )
     test = result.card.get("test", {})
-    auc = test.get("roc_auc") if isinstance(test, Mapping) else None
+    # Classifiers report the ROC AUC of the diagnosis, localizers that of detecting the
+    # lesion from their map (the image's maximum lesion probability).
+    key = "detection_roc_auc" if group == "localizer" else "roc_auc"
+    auc = test.get(key) if isinstance(test, Mapping) else None
     if isinstance(auc, Mapping):
         auc = auc.get("value")
     return result.model, {
@@ -903,7 +906,7 @@ def write_outputs(
     timings["figures"] = time.perf_counter() - tick
 
     timings["total"] = time.perf_counter() - started
-    results["notes"] = _notes(cfg)
+    results["notes"] = _notes(cfg, results.get("models", {}))
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()
     results["timings"] = {k: round(float(v), 3) for k, v in timings.items()}
@@ -921,10 +924,29 @@ def write_outputs(
     return results, files
 
 
-def _notes(cfg: TrustConfig) -> list[str]:
+# Below this test ROC AUC a model has learned too little for its maps to test anything.
+WEAK_MODEL_AUC = 0.75
+
+
+def weak_models(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Warnings for the models whose test AUC is below :data:`WEAK_MODEL_AUC`."""
+    out = []
+    for role, info in models.items():
+        auc = info.get("test_auc")
+        if isinstance(auc, (int, float)) and auc < WEAK_MODEL_AUC:
+            out.append(
+                f"WARNING: model {role} ({info.get('arch')}, seed {info.get('seed')}) reached "
+                f"a test AUC of only {auc:.2f}; the criteria that use it compare maps of a "
+                "model that has not learned the task. Train it longer or with another seed "
+                "(models.*.seeds) before reading its verdicts."
+            )
+    return out
+
+
+def _notes(cfg: TrustConfig, models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """What a reader must know to compare this run with paper 004."""
     params = cfg.method_params
-    notes = []
+    notes = weak_models(models)
     if "smooth_ig" in cfg.methods:
         sig = params.get("smooth_ig", {})
         n, steps = sig.get("n_samples", 25), sig.get("n_steps", 25)
