@@ -33,6 +33,7 @@ def tiny_config(data_dir, out, **extra) -> dict:
             "localizer": {"arch": "unet", "seeds": [0, 1]},
         },
         "training": {"epochs": 2, "min_epochs": 1, "n_boot": 20, "batch_size": 16},
+        "localizer_training": {"epochs": 2, "min_epochs": 1, "batch_size": 16},
         "randomization": {"n_pairs": 10},
         "faithfulness": {"n_images": 2, "steps": 4, "n_values": [4, 16], "n_subsets": 5},
     }

@@ -292,7 +292,7 @@ def _model(
     train = train_localizer if group == "localizer" else train_classifier
     extra: dict[str, Any] = {"model_kwargs": dict(spec.kwargs)}
     if group == "localizer":
-        extra["lr"] = None  # the classifiers' learning rate is too low for a U-Net
+        extra.update(cfg.localizer_training)
 
     def on_event(event: Any) -> None:
         if progress is not None and event.kind == "epoch":
