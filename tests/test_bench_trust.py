@@ -213,7 +213,8 @@ def test_per_image_tables_agree(setup) -> None:
             if diff is not None:
                 assert diff < 1e-6, (method, metric, diff)
     for method in ["gradient", "integrated_gradients", "grad_cam"]:
-        assert agreement["verdicts_equal"][method]
+        # per-method test (Welch against the method's own pairs): equal data, equal verdict
+        assert agreement["verdicts_equal"][method]["randomization"]
     # the deletion curves of equal maps are equal
     assert agreement["max_abs_diff"]["gradient"]["deletion_auc"] < 1e-9
 
