@@ -592,7 +592,6 @@ def setup_info(
             )
         },
         "load_average_1min": {"before": load[0], "after": load[1]},
-        # TrustConfig.from_preset records "default" as cfg.preset whatever preset it was given
         "preset": preset,
         "config": cfg.to_dict(),
         "images": {"n": len(prepared.ids), "shape": list(prepared.images.shape[1:])},
