@@ -277,7 +277,15 @@ def test_calibration_config_is_cheap_for_large_images_and_volumes():
     assert calibration_config(2, [128, 128]).size == 64
     assert calibration_config(2, [28, 28]).size is None
     assert calibration_config(2).model_kwargs == {"width": 16}
-    assert calibration_config(3, [64, 64, 64]).model_kwargs == {"width": 8}
+    cfg3 = calibration_config(3, [64, 64, 64])
+    assert cfg3.model_kwargs == {"widen_factor": 0.25, "conv1_t_stride": 2}
+    assert cfg3.scheduler == "onecycle" and cfg3.patience is None
+
+
+def test_measure_dataset_auc_needs_a_config_for_another_arch(tmp_path):
+    root = write_toy_dir(tmp_path / "toy", n=40, size=24)
+    with pytest.raises(ValueError, match="no calibration settings for 'resnet18' in 2D"):
+        measure_dataset_auc(root, arch="resnet18")
 
 
 # ----------------------------------------------------------------------------------------

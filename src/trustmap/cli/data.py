@@ -83,7 +83,8 @@ def make(
         bool,
         typer.Option(
             "--measure-auc",
-            help="Then train small_cnn on it and record its test ROC AUC in the card.",
+            help="Then train the calibration model (small_cnn; a small ResNet-18 in 3D) on it and "
+            "record its test ROC AUC in the card.",
         ),
     ] = False,
 ) -> None:
@@ -132,7 +133,7 @@ def make(
     if measure_auc:
         from trustmap.models.calibrate import measure_dataset_auc
 
-        typer.echo("measuring difficulty: training small_cnn (a few minutes on a CPU)")
+        typer.echo("measuring difficulty: training the calibration model (a few minutes on a CPU)")
         measured = measure_dataset_auc(path, seed=seed)
         low, high = measured["ci95"]
         typer.echo(

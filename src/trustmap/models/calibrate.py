@@ -17,7 +17,13 @@ from typing import Any
 from trustmap.core.atomic import write_text_atomic
 from trustmap.models.training import Progress, TrainConfig, train_classifier
 
-__all__ = ["calibration_config", "measure_dataset_auc", "update_dataset_card"]
+__all__ = ["calibration_arch", "calibration_config", "measure_dataset_auc", "update_dataset_card"]
+
+
+def calibration_arch(spatial_dims: int = 2) -> str:
+    """The architecture whose AUC a dataset card reports: ``small_cnn`` in 2D, a ResNet-18 of
+    quarter width in 3D (see :func:`calibration_config`)."""
+    return "resnet18" if spatial_dims == 3 else "small_cnn"
 
 
 def calibration_config(
@@ -25,14 +31,27 @@ def calibration_config(
 ) -> TrainConfig:
     """The settings whose AUC a dataset card reports: a quick CPU measurement.
 
-    ``small_cnn`` at reduced cost with default augmentation: in 2D width 16 on images
-    resized to 64 x 64 when they are larger (about 2 s per epoch of 2,000 images on two idle
-    cores), AdamW at 5e-4 for up to 20 epochs with patience 6 (at 2e-3 the BatchNorm
-    statistics of the cxr-pneumonia runs diverged in eval mode and early stopping kept a
-    chance-level epoch); in 3D width 8 at the native size with batches of 16.
+    In 2D, ``small_cnn`` of width 16 with default augmentation on images resized to
+    64 x 64 when they are larger (about 2 s per epoch of 2,000 images on two idle cores),
+    AdamW at 5e-4 for up to 20 epochs with patience 6 (at 2e-3 the BatchNorm statistics of
+    the cxr-pneumonia runs diverged in eval mode and early stopping kept a chance-level
+    epoch).
+
+    In 3D, :func:`calibration_arch` (MONAI ResNet-18 at width 0.25 with a strided stem) at
+    the native size, batches of 16, AdamW 2e-3 with a one-cycle schedule for 12 epochs: on
+    mri-brain-3d (400 training volumes of 64^3) it reached a test AUC of 0.93 in 5.5
+    minutes on one core, where a 3D ``small_cnn`` of width 8 stayed at 0.48-0.61 with
+    either early stopping or a one-cycle schedule.
     """
     if spatial_dims == 3:
-        return TrainConfig(batch_size=16, model_kwargs={"width": 8})
+        return TrainConfig(
+            batch_size=16,
+            model_kwargs={"widen_factor": 0.25, "conv1_t_stride": 2},
+            lr=2e-3,
+            scheduler="onecycle",
+            epochs=12,
+            patience=None,
+        )
     size = 64 if image_size is None or max(image_size) > 64 else None
     return TrainConfig(size=size, model_kwargs={"width": 16}, lr=5e-4, epochs=20, patience=6)
 
@@ -86,13 +105,13 @@ def measure_dataset_auc(
     dataset_dir: str | os.PathLike[str],
     *,
     seed: int = 0,
-    arch: str = "small_cnn",
+    arch: str | None = None,
     config: TrainConfig | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Train ``arch`` (small_cnn) on a dataset directory and record its test ROC AUC.
+    """Train ``arch`` on a dataset directory and record its test ROC AUC.
 
     Parameters
     ----------
@@ -100,8 +119,11 @@ def measure_dataset_auc(
         A trustmap dataset directory (with ``dataset.json``).
     seed
         Training seed.
+    arch
+        The architecture; None: :func:`calibration_arch` of the data's dimension.
     config
-        Training options (:func:`calibration_config` of the data's dimension when None).
+        Training options (:func:`calibration_config` of the data's dimension when None;
+        give one when ``arch`` is not the calibration architecture).
     out
         Where the model and its card go (a temporary directory when None; give one to
         keep the model or to resume an interrupted measurement).
@@ -117,9 +139,17 @@ def measure_dataset_auc(
     root = Path(dataset_dir)
     if not (root / "dataset.json").is_file():
         raise ValueError(f"{root} is not a trustmap dataset directory (no dataset.json)")
+    card = json.loads((root / "dataset.json").read_text())
+    dims = int(card.get("spatial_dims") or 2)
+    if arch is None:
+        arch = calibration_arch(dims)
     if config is None:
-        card = json.loads((root / "dataset.json").read_text())
-        config = calibration_config(int(card.get("spatial_dims") or 2), card.get("image_size"))
+        if arch != calibration_arch(dims):
+            raise ValueError(
+                f"no calibration settings for {arch!r} in {dims}D: pass config= (the "
+                f"calibration architecture is {calibration_arch(dims)!r})"
+            )
+        config = calibration_config(dims, card.get("image_size"))
 
     def run(directory: Path) -> dict[str, Any]:
         result = train_classifier(
