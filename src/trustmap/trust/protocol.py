@@ -585,7 +585,7 @@ def _faithfulness(
     for i, method in enumerate(trained):
         _say(progress, f"faithfulness: {method}", i, len(trained))
         key = key_of(
-            "faith", a1_hash, method, maps_key_params(cfg, method), array_hash(images[:n]), fcfg
+            "faith", a1_hash, method, _maps_key_params(cfg, method), array_hash(images[:n]), fcfg
         )
 
         def compute(method: str = method) -> dict[str, Any]:
@@ -663,7 +663,8 @@ def _faithfulness(
     return out
 
 
-def maps_key_params(cfg: TrustConfig, method: str) -> dict[str, Any]:
+def _maps_key_params(cfg: TrustConfig, method: str) -> dict[str, Any]:
+    """What a method's maps depend on besides the model and the images."""
     return {"params": cfg.method_params.get(method, {}), "post": cfg.postprocess}
 
 
@@ -888,8 +889,10 @@ def write_outputs(
     figs["randomization_curves"] = figures.randomization_curves(
         results, fig_dir / "randomization_curves.png"
     )
+    # One grey image per panel: a multi-channel input is shown as its channel mean.
+    shown = examples["image"][0] if examples["image"].shape[0] == 1 else examples["image"].mean(0)
     figs["randomization_grid"] = figures.randomization_grid(
-        examples["image"][0] if examples["image"].shape[0] == 1 else examples["image"].mean(0),
+        shown,
         examples["cascade"],
         examples["stage_names"],
         fig_dir / "randomization_grid.png",
@@ -897,7 +900,7 @@ def write_outputs(
     )
     figs["repeatability"] = figures.repro_boxplot(per_image, results, fig_dir / "repeatability.png")
     figs["repeatability_examples"] = figures.repro_examples(
-        examples["image"][0] if examples["image"].shape[0] == 1 else examples["image"].mean(0),
+        shown,
         examples["repro"],
         fig_dir / "repeatability_examples.png",
         mask=examples["mask"],
