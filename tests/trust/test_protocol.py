@@ -243,3 +243,23 @@ def test_weak_models_are_named_in_a_warning() -> None:
     }
     (warning,) = weak_models(models)
     assert "A2" in warning and "0.58" in warning and "seed 1" in warning
+
+
+def test_cli_keeps_the_config_files_out_unless_given(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import trustmap.trust as trust_pkg
+    from trustmap.cli.main import app
+
+    seen = []
+
+    def fake_run(cfg, progress=None):
+        seen.append(cfg.out)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(trust_pkg, "run", fake_run)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'out = "{tmp_path / "from_file"}"\n')
+    CliRunner().invoke(app, ["trust", "--config", str(cfg)])
+    CliRunner().invoke(app, ["trust", "--config", str(cfg), "--out", str(tmp_path / "cli")])
+    assert seen == [str(tmp_path / "from_file"), str(tmp_path / "cli")]

@@ -25,9 +25,10 @@ _MARK = {
 
 
 def trust(
-    out: Annotated[Path, typer.Option(help="output directory (a run found there resumes)")] = Path(
-        "trust_out"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="output directory (a run found there resumes; default: trust_out)"),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML or YAML config (dataset, models, methods, ...)")
     ] = None,
@@ -58,7 +59,7 @@ def trust(
 
 
 def _trust(
-    out: Path,
+    out: Path | None,
     config: Path | None,
     quick: bool,
     full: bool,
@@ -73,7 +74,8 @@ def _trust(
 
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    overrides: dict[str, Any] = {"out": str(out)}
+    # --out replaces the config file's "out"; without either, the preset's trust_out.
+    overrides: dict[str, Any] = {} if out is None else {"out": str(out)}
     if methods:
         overrides["methods"] = list(methods)
     if n_images is not None:
