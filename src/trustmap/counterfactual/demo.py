@@ -35,9 +35,9 @@ from trustmap.counterfactual.training import (
     CycleConfig,
     CycleResult,
     Progress,
-    _open,
     train_counterfactual,
 )
+from trustmap.models.training import open_training_dataset
 
 __all__ = ["DEMO_DATASET", "DemoResult", "run_demo"]
 
@@ -93,7 +93,7 @@ def run_demo(
     say = on_stage or (lambda _line: None)
     seconds: dict[str, float] = {}
 
-    ds = _open(dataset)
+    ds = open_training_dataset(dataset)
     if classifier_config is None:
         image_size = tuple(ds[0].image.shape[1:])
         classifier_config = calibration_config(ds.spatial_dims, image_size)

@@ -44,13 +44,13 @@ from trustmap.counterfactual import losses as L
 from trustmap.counterfactual.networks import CounterfactualGenerators, load_generators
 from trustmap.counterfactual.training import (
     _figure,
-    _open,
     check_binary,
     counterfactuals,
     load_classifier,
     load_images,
     middle_slice,
 )
+from trustmap.models.training import open_training_dataset
 
 __all__ = [
     "EFFECT_SIZE_KIND",
@@ -214,7 +214,7 @@ def evaluate_counterfactual(
     model, _ = load_classifier(classifier)
     model.to(dev)
     gens = _resolve_generators(generators, dev)
-    ds = _open(dataset)
+    ds = open_training_dataset(dataset)
     data = load_images(ds, gens.image_size)
     idx = data.split[split]
     if len(idx) < 2:

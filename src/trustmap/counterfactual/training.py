@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -48,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trustmap.core.atomic import atomic_path
@@ -61,6 +59,7 @@ from trustmap.counterfactual.networks import (
     load_generators,
     save_generators,
 )
+from trustmap.models.training import normalize_size, open_training_dataset, resize_images
 
 __all__ = [
     "CycleConfig",
@@ -326,72 +325,17 @@ class _Images:
     fingerprint: str
 
 
-def _open(dataset: Any) -> Any:
-    if not isinstance(dataset, (str, os.PathLike)):
-        if not hasattr(dataset, "tensors"):
-            raise TypeError(
-                "dataset must be an ImageDataset, a dataset directory or a phantom name, got "
-                f"{type(dataset).__name__}"
-            )
-        return dataset
-    from trustmap.data.datasets import open_dataset
-
-    path = Path(dataset).expanduser()
-    if not path.exists():
-        from trustmap.data.phantoms import PHANTOMS
-
-        if str(dataset) not in PHANTOMS:
-            close = difflib.get_close_matches(str(dataset), list(PHANTOMS), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown dataset {str(dataset)!r}: not an existing directory and not a phantom "
-                f"name ({', '.join(PHANTOMS)}){hint}"
-            )
-    return open_dataset(dataset)
-
-
-def _normalize_size(size: Any, dims: int) -> tuple[int, ...] | None:
-    if size is None:
-        return None
-    values = (size,) * dims if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(values) != dims or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values
-    ):
-        raise ValueError(f"size must be a positive integer or {dims} of them, got {size!r}")
-    return tuple(int(v) for v in values)
-
-
-def resize_images(images: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Bi/trilinear resize of ``(N, C, *spatial)`` (2D anti-aliased when shrinking)."""
-    spatial = tuple(images.shape[2:])
-    if size == spatial:
-        return images
-    two_d = len(spatial) == 2
-    shrink = any(t < s for t, s in zip(size, spatial))
-    out = torch.empty((images.shape[0], images.shape[1], *size), dtype=images.dtype)
-    for start in range(0, images.shape[0], 256):
-        sl = slice(start, start + 256)
-        out[sl] = F.interpolate(
-            images[sl],
-            size=size,
-            mode="bilinear" if two_d else "trilinear",
-            align_corners=False,
-            antialias=two_d and shrink,
-        )
-    return out
-
-
 def load_images(dataset: Any, size: Any = None, *, split_seed: int = 0) -> _Images:
     """All images of a dataset (ImageDataset, directory or phantom name), resized once;
     the labels are not returned: training never sees them."""
-    ds = _open(dataset)
+    ds = open_training_dataset(dataset)
     td = ds.tensors()
     images = td.images
     if images.dim() not in (4, 5):
         raise ValueError(
             f"dataset images must be (N, C, H, W) or (N, C, D, H, W), got {tuple(images.shape)}"
         )
-    target = _normalize_size(size, images.dim() - 2)
+    target = normalize_size(size, images.dim() - 2, minimum=1)
     if target is not None:
         images = resize_images(images, target)
     split = {k: np.asarray(v, np.int64) for k, v in ds.split_indices(seed=split_seed).items()}

@@ -325,8 +325,9 @@ class _Data:
         return digest.hexdigest()[:16]
 
 
-def _open(dataset: Any) -> Any:
-    """An ImageDataset from an ImageDataset, a directory or a phantom name."""
+def open_training_dataset(dataset: Any) -> Any:
+    """An ImageDataset from an ImageDataset, a directory or a phantom name; an unknown name
+    gets an error that lists the phantoms (and the closest one)."""
     if not isinstance(dataset, (str, os.PathLike)):
         if not hasattr(dataset, "tensors") or not hasattr(dataset, "labels"):
             raise TypeError(
@@ -352,15 +353,39 @@ def _open(dataset: Any) -> Any:
     return open_dataset(dataset)
 
 
-def _normalize_size(size: Any, dims: int) -> tuple[int, ...] | None:
+def normalize_size(size: Any, dims: int, *, minimum: int = 8) -> tuple[int, ...] | None:
+    """``size`` (None, an int for every axis, or one per axis) as a tuple of ``dims`` ints
+    of at least ``minimum``; ValueError otherwise."""
     if size is None:
         return None
     values = (size,) * dims if isinstance(size, (int, np.integer)) else tuple(size)
     if len(values) != dims or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 8 for v in values
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
+        for v in values
     ):
-        raise ValueError(f"size must be an integer >= 8 or {dims} of them, got {size!r}")
+        raise ValueError(f"size must be an integer >= {minimum} or {dims} of them, got {size!r}")
     return tuple(int(v) for v in values)
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bi/trilinear resize of ``(N, C, *spatial)`` in chunks (2D anti-aliased when
+    shrinking); returned as is when the size already matches."""
+    spatial = tuple(images.shape[2:])
+    if size == spatial:
+        return images
+    two_d = len(spatial) == 2
+    shrink = any(t < s for t, s in zip(size, spatial))
+    out = torch.empty((images.shape[0], images.shape[1], *size), dtype=images.dtype)
+    for start in range(0, images.shape[0], 256):
+        sl = slice(start, start + 256)
+        out[sl] = F.interpolate(
+            images[sl],
+            size=size,
+            mode="bilinear" if two_d else "trilinear",
+            align_corners=False,
+            antialias=two_d and shrink,
+        )
+    return out
 
 
 def _resize(
@@ -372,20 +397,11 @@ def _resize(
     spatial = tuple(images.shape[2:])
     if size == spatial:
         return images, masks, boxes
-    two_d = len(spatial) == 2
-    shrink = any(t < s for t, s in zip(size, spatial))
-    out_i = torch.empty((images.shape[0], images.shape[1], *size), dtype=images.dtype)
+    out_i = resize_images(images, size)
+    # "nearest-exact" samples at pixel centres, matching align_corners=False of the images.
     out_m = torch.empty((masks.shape[0], 1, *size), dtype=masks.dtype)
-    for start in range(0, images.shape[0], 256):
+    for start in range(0, masks.shape[0], 256):
         sl = slice(start, start + 256)
-        out_i[sl] = F.interpolate(
-            images[sl],
-            size=size,
-            mode="bilinear" if two_d else "trilinear",
-            align_corners=False,
-            antialias=two_d and shrink,
-        )
-        # "nearest-exact" samples at pixel centres, matching align_corners=False above.
         out_m[sl] = F.interpolate(masks[sl], size=size, mode="nearest-exact")
     factors = [t / s for t, s in zip(size, spatial)]
     rev = list(reversed(factors))  # (x, y[, z]) order of box coordinates
@@ -408,7 +424,7 @@ def _box_xyz(box: Sequence[float], dims: int) -> tuple[float, ...]:
 
 
 def _prepare(dataset: Any, config: TrainConfig) -> _Data:
-    ds = _open(dataset)
+    ds = open_training_dataset(dataset)
     split = ds.split_indices(seed=config.split_seed)
     td = ds.tensors()
     images = td.images
@@ -419,7 +435,7 @@ def _prepare(dataset: Any, config: TrainConfig) -> _Data:
     dims = images.dim() - 2
     boxes = [[_box_xyz(b, dims) for b in bx] for bx in td.boxes]
     native = tuple(images.shape[2:])
-    size = _normalize_size(config.size, dims)
+    size = normalize_size(config.size, dims)
     masks = td.masks
     if size is not None:
         images, masks, boxes = _resize(images, masks, boxes, size)
