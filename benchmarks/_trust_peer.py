@@ -501,8 +501,7 @@ def run_peer(cfg: Any, prepared: Any) -> PeerResult:
         bs = cfg.batch_size
         params = {m: method_params(cfg, m) for m in methods}
         layers = layer_names(prepared)
-        rcfg = {"independent": True, "n_pairs": 50, "seed": 0, "stages": None}
-        rcfg.update(cfg.randomization)
+        rcfg = cfg.randomization_settings()
         rows: list[dict[str, Any]] = []
         segments: list[list[np.ndarray]] = []
         seg_seconds = 0.0
@@ -690,14 +689,7 @@ def _faithfulness(
     utility: dict[str, np.ndarray],
     params: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    fcfg = {
-        "enabled": True,
-        "n_images": 16,
-        "steps": 20,
-        "n_values": [16, 64, 256],
-        "n_subsets": 32,
-    }
-    fcfg.update(cfg.faithfulness)
+    fcfg = cfg.faithfulness_settings()
     model = prepared.models["A1"]
     images = prepared.images
     out: dict[str, Any] = {"rows": [], "methods": {}}

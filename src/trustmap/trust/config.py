@@ -35,6 +35,21 @@ PAPER_METHODS = (
 
 PRESETS = ("quick", "default", "full")
 
+# The settings a config's randomization and faithfulness tables start from.
+RANDOMIZATION_DEFAULTS: dict[str, Any] = {
+    "independent": True,
+    "n_pairs": 50,
+    "seed": 0,
+    "stages": None,
+}
+FAITHFULNESS_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "n_images": 16,
+    "steps": 20,
+    "n_values": [16, 64, 256, 1024],
+    "n_subsets": 32,
+}
+
 
 @dataclass
 class ModelSpec:
@@ -256,22 +271,29 @@ class TrustConfig:
         _check_keys(
             "randomization", self.randomization, ["independent", "n_pairs", "seed", "stages"]
         )
-        _positive_int("randomization.n_pairs", self.randomization.get("n_pairs", 50))
+        _positive_int("randomization.n_pairs", self.randomization_settings()["n_pairs"])
         _check_keys(
             "faithfulness",
             self.faithfulness,
             ["enabled", "n_images", "steps", "n_values", "n_subsets"],
         )
-        if self.faithfulness.get("enabled", True):
-            _positive_int("faithfulness.n_images", self.faithfulness.get("n_images", 16))
-            _positive_int("faithfulness.steps", self.faithfulness.get("steps", 20), minimum=2)
-            _positive_int(
-                "faithfulness.n_subsets", self.faithfulness.get("n_subsets", 32), minimum=3
-            )
-            for n in self.faithfulness.get("n_values", []):
+        faith = self.faithfulness_settings()
+        if faith["enabled"]:
+            _positive_int("faithfulness.n_images", faith["n_images"])
+            _positive_int("faithfulness.steps", faith["steps"], minimum=2)
+            _positive_int("faithfulness.n_subsets", faith["n_subsets"], minimum=3)
+            for n in faith["n_values"]:
                 _positive_int("faithfulness.n_values", n)
 
     # -- views ----------------------------------------------------------------------------
+
+    def randomization_settings(self) -> dict[str, Any]:
+        """``randomization`` over :data:`RANDOMIZATION_DEFAULTS`."""
+        return {**copy.deepcopy(RANDOMIZATION_DEFAULTS), **self.randomization}
+
+    def faithfulness_settings(self) -> dict[str, Any]:
+        """``faithfulness`` over :data:`FAITHFULNESS_DEFAULTS`."""
+        return {**copy.deepcopy(FAITHFULNESS_DEFAULTS), **self.faithfulness}
 
     def train_config(self, **extra: Any) -> Any:
         """The :class:`~trustmap.models.TrainConfig` of the classifiers."""
@@ -386,14 +408,8 @@ def _preset_dict(name: str) -> dict[str, Any]:
         "methods": list(PAPER_METHODS),
         "method_params": params,
         "postprocess": {},
-        "randomization": {"independent": True, "n_pairs": 50, "seed": 0, "stages": None},
-        "faithfulness": {
-            "enabled": True,
-            "n_images": 16,
-            "steps": 20,
-            "n_values": [16, 64, 256, 1024],
-            "n_subsets": 32,
-        },
+        "randomization": copy.deepcopy(RANDOMIZATION_DEFAULTS),
+        "faithfulness": copy.deepcopy(FAITHFULNESS_DEFAULTS),
         "alpha": 0.05,
         "batch_size": 16,
         "device": "cpu",

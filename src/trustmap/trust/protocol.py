@@ -410,8 +410,7 @@ def evaluate(
     methods = list(cfg.methods)
     a1 = prepared.models["A1"]
     a1_hash = weights_hash(a1)
-    randomization_cfg = {"independent": True, "n_pairs": 50, "seed": 0, "stages": None}
-    randomization_cfg.update(cfg.randomization)
+    randomization_cfg = cfg.randomization_settings()
 
     def add(method: str, criterion: str, metric: str, values: np.ndarray, stage: str = "") -> None:
         for image, value in zip(ids, values):
@@ -545,14 +544,7 @@ def _faithfulness(
         sensitivity_n,
     )
 
-    fcfg = {
-        "enabled": True,
-        "n_images": 16,
-        "steps": 20,
-        "n_values": [16, 64, 256],
-        "n_subsets": 32,
-    }
-    fcfg.update(cfg.faithfulness)
+    fcfg = cfg.faithfulness_settings()
     model = prepared.models["A1"]
     images = prepared.images
     out: dict[str, Any] = {"rows": [], "methods": {}}
