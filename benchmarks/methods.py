@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import importlib.metadata
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -60,6 +58,9 @@ from _limits import (
     limit_plan,
     time_call,
 )
+from _machine import cpu_name as _cpu
+from _machine import load_average as _load
+from _machine import version as _version
 from _peers import PEERS, Unsupported
 from trustmap.core.atomic import write_text_atomic
 
@@ -392,27 +393,6 @@ def format_markdown(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def setup_info(

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
-import importlib.metadata
 import json
 import math
 import os
@@ -65,6 +64,9 @@ import torch
 
 import _trust_peer as peer
 from _limits import Setting, forward_pass, input_gradient_pass, layer_gradient_pass
+from _machine import cpu_name as _cpu
+from _machine import load_average as _load
+from _machine import version as _version
 from _trust_peer import Buckets
 from trustmap.core.atomic import write_text_atomic
 
@@ -530,27 +532,6 @@ def format_table(payload: dict[str, Any]) -> str:
         f"{100 * r['non_pass_share_of_trustmap']:.0f}%"
     )
     return "\n".join(lines)
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _json_safe(value: Any) -> Any:
