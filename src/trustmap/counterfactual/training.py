@@ -59,7 +59,13 @@ from trustmap.counterfactual.networks import (
     load_generators,
     save_generators,
 )
-from trustmap.models.training import normalize_size, open_training_dataset, resize_images
+from trustmap.models.training import (
+    identity_diff,
+    load_state,
+    normalize_size,
+    open_training_dataset,
+    resize_images,
+)
 
 __all__ = [
     "CycleConfig",
@@ -514,34 +520,8 @@ def _identity(
     }
 
 
-def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
-            diffs += [
-                f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which and why
-        raise ValueError(
-            f"{path} is not a readable training state ({type(err).__name__}); delete it to "
-            "start the run afresh"
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(
-            f"{path} is not a cyclegan_am training state; delete it or use another --out"
-        )
-    return state
+def _read_state(path: Path) -> dict[str, Any]:
+    return load_state(path, format=STATE_FORMAT, what="cyclegan_am training state")
 
 
 def _save_state(
@@ -813,8 +793,8 @@ def train_counterfactual(
     identity = _identity(config, seed, data, _model_fingerprint(model), dims)
     state: dict[str, Any] | None = None
     if last_path.exists():
-        state = _load_state(last_path)
-        diffs = _identity_diff(state.get("identity", {}), identity)
+        state = _read_state(last_path)
+        diffs = identity_diff(state.get("identity", {}), identity)
         if diffs:
             raise ValueError(
                 f"{last_path} belongs to another training run ({'; '.join(diffs)}); use another "

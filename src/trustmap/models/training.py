@@ -671,7 +671,11 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, temp)
 
 
-def _load_state(path: Path) -> dict[str, Any]:
+def load_state(
+    path: Path, *, format: str = STATE_FORMAT, what: str = "trustmap training state"
+) -> dict[str, Any]:
+    """A resumable training state written with ``torch.save``, loaded with
+    ``weights_only``; ValueError naming the file when it is unreadable or not ``format``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which and why
@@ -679,8 +683,8 @@ def _load_state(path: Path) -> dict[str, Any]:
             f"{path} is not a readable training state ({type(err).__name__}: {err}); delete it "
             "to start the run afresh"
         ) from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a trustmap training state; delete it or use another --out")
+    if not isinstance(state, dict) or state.get("format") != format:
+        raise ValueError(f"{path} is not a {what}; delete it or use another --out")
     return state
 
 
@@ -699,7 +703,9 @@ def _identity(
     }
 
 
-def _identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings in which two run identities differ, as ``key: old -> new`` lines (the
+    ``config`` entry compared field by field), for refusing to resume another run."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -747,8 +753,8 @@ def _run(
     identity = _identity(task.kind, arch, seed, data, config, num_classes)
     state: dict[str, Any] | None = None
     if last_path.exists():
-        state = _load_state(last_path)
-        diffs = _identity_diff(state.get("identity", {}), identity)
+        state = load_state(last_path)
+        diffs = identity_diff(state.get("identity", {}), identity)
         if diffs:
             raise ValueError(
                 f"{last_path} belongs to another training run ({'; '.join(diffs)}); use another "
