@@ -18,7 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trustmap.cli._common import progress_bars, set_threads
 
 app = typer.Typer(
     help="Counterfactual explanations by cycle-consistent activation maximization (paper 002).",
@@ -42,30 +43,9 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _threads(threads: int | None) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def _train_with_bars(run: Any, steps: int, out: Path) -> Any:
     """Run ``run(progress)`` with a step bar fed by :class:`CycleEvent` callbacks."""
-    with _progress() as bars:
+    with progress_bars(console, info=True) as bars:
         task = bars.add_task("generators", total=steps, info="")
 
         def on_event(event: Any) -> None:
@@ -167,7 +147,7 @@ def train(
     from trustmap.counterfactual.training import CycleConfig, train_counterfactual
 
     try:
-        _threads(threads)
+        set_threads(threads)
         overrides: dict[str, Any] = {"device": device, "multiscale_ssim": ms_ssim}
         for name, value in (
             ("steps", steps),
@@ -223,7 +203,7 @@ def evaluate(
     from trustmap.counterfactual.evaluate import evaluate_counterfactual
 
     try:
-        _threads(threads)
+        set_threads(threads)
         with console.status("evaluating"):
             ev = evaluate_counterfactual(
                 classifier,
@@ -251,7 +231,7 @@ def demo(
     from trustmap.counterfactual.demo import run_demo
 
     try:
-        _threads(threads)
+        set_threads(threads)
         console.print(f"counterfactual demo -> {escape(str(out))}", highlight=False)
 
         def stage(name: str) -> None:

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trustmap.cli._common import progress_bars
 
 app = typer.Typer(
     help="Make datasets: procedural phantoms with exact ground truth.",
@@ -94,14 +95,7 @@ def make(
     console = Console()
     try:
         size_value = _parse_size(size)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
+        with progress_bars(console) as bar:
             task = bar.add_task(f"making {name}", total=None)
 
             def report(done: int, total: int) -> None:

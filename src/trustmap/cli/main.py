@@ -10,7 +10,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trustmap.cli._common import progress_bars
 
 app = typer.Typer(
     help="Explain medical-image classifiers and test whether the explanations can be trusted.",
@@ -33,17 +34,6 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 @app.command()
@@ -114,7 +104,7 @@ def explain(
         normalize=normalize,
         channels=channels,
     ).to(device)
-    with _progress() as progress:
+    with progress_bars(console) as progress:
         task = progress.add_task("explaining", total=len(names))
 
         def step(name: str) -> None:
@@ -152,7 +142,7 @@ def demo(
     from trustmap.demo import run_demo
 
     names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
-    with _progress() as progress:
+    with progress_bars(console) as progress:
         task = progress.add_task("demo", total=3 * len(names))
 
         def step(sample: str, name: str) -> None:

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trustmap.cli._common import progress_bars, set_threads
 
 console = Console()
 
@@ -30,18 +31,6 @@ def _model_args(items: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key.strip()] = raw
     return out
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 def train(
@@ -123,7 +112,6 @@ def _train(
     threads: int | None,
     max_minutes: float | None,
 ) -> None:
-    import torch
 
     from trustmap.models.training import (
         LOCALIZERS,
@@ -133,10 +121,7 @@ def _train(
         train_localizer,
     )
 
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     if localizer and arch == "small_cnn":
         arch = "unet"  # the classifier default means "not chosen" here
     as_localizer = localizer or arch in LOCALIZERS
@@ -164,7 +149,7 @@ def _train(
         highlight=False,
     )
 
-    with _progress() as bars:
+    with progress_bars(console, info=True) as bars:
         epoch_task = bars.add_task("epochs", total=config.epochs, info="")
         batch_task = bars.add_task("batches", total=1, info="")
 
