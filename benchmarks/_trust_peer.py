@@ -42,6 +42,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from trustmap.trust.protocol import records
+
 TARGET = 1  # the protocol explains the positive class of every evaluated image
 
 # The methods this peer assembles, and the library that provides each.
@@ -507,17 +509,7 @@ def run_peer(cfg: Any, prepared: Any) -> PeerResult:
         seg_seconds = 0.0
 
         def add(method: str, criterion: str, metric: str, values: Any, stage: str = "") -> None:
-            rows.extend(
-                {
-                    "image": im,
-                    "method": method,
-                    "criterion": criterion,
-                    "stage": stage,
-                    "metric": metric,
-                    "value": float(v),
-                }
-                for im, v in zip(ids, values)
-            )
+            rows.extend(records(ids, method, criterion, metric, values, stage))
 
         def maps_of(model: nn.Module, method: str, role: str) -> tuple[np.ndarray, np.ndarray]:
             nonlocal seg_seconds
@@ -730,30 +722,12 @@ def _faithfulness(
                     sens[v].append(float("nan") if corr[v] is None else corr[v])
             if complete:
                 gaps.append(_completeness_gap(model, x1, raw[method][j]))
-        for metric, values in (("deletion_auc", deletion), ("insertion_auc", insertion)):
-            out["rows"] += [
-                {
-                    "image": im,
-                    "method": method,
-                    "criterion": "faithfulness",
-                    "stage": "",
-                    "metric": metric,
-                    "value": float(v),
-                }
-                for im, v in zip(ids, values)
-            ]
-        if gaps:
-            out["rows"] += [
-                {
-                    "image": im,
-                    "method": method,
-                    "criterion": "faithfulness",
-                    "stage": "",
-                    "metric": "completeness_gap",
-                    "value": float(v),
-                }
-                for im, v in zip(ids, gaps)
-            ]
+        for metric, values in (
+            ("deletion_auc", deletion),
+            ("insertion_auc", insertion),
+            ("completeness_gap", gaps),
+        ):
+            out["rows"] += records(ids, method, "faithfulness", metric, values)
         means = []
         for v in n_values:
             vals = np.asarray(sens[v], dtype=np.float64)

@@ -413,17 +413,7 @@ def evaluate(
     randomization_cfg = cfg.randomization_settings()
 
     def add(method: str, criterion: str, metric: str, values: np.ndarray, stage: str = "") -> None:
-        for image, value in zip(ids, values):
-            rows.append(
-                {
-                    "image": image,
-                    "method": method,
-                    "criterion": criterion,
-                    "stage": stage,
-                    "metric": metric,
-                    "value": float(value),
-                }
-            )
+        rows.extend(records(ids, method, criterion, metric, values, stage))
 
     # -- trained maps, utility ------------------------------------------------------------
     tick = time.perf_counter()
@@ -521,6 +511,23 @@ def evaluate(
     return results, per_image, examples
 
 
+def records(
+    ids: list[str], method: str, criterion: str, metric: str, values: Any, stage: str = ""
+) -> list[dict[str, Any]]:
+    """Rows of ``per_image.csv`` for one method, criterion and metric: one per image."""
+    return [
+        {
+            "image": image,
+            "method": method,
+            "criterion": criterion,
+            "stage": stage,
+            "metric": metric,
+            "value": float(value),
+        }
+        for image, value in zip(ids, values)
+    ]
+
+
 def _scores(fn: Callable[..., Any], maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     values = fn(np.asarray(maps, dtype=np.float64), masks)
     return np.asarray(values, dtype=np.float64)
@@ -612,33 +619,12 @@ def _faithfulness(
             }
 
         got = store.record("faithfulness", key, compute)
-        for metric, values in (
-            ("deletion_auc", got["deletion"]),
-            ("insertion_auc", got["insertion"]),
+        for metric, key in (
+            ("deletion_auc", "deletion"),
+            ("insertion_auc", "insertion"),
+            ("completeness_gap", "gaps"),
         ):
-            out["rows"] += [
-                {
-                    "image": im,
-                    "method": method,
-                    "criterion": "faithfulness",
-                    "stage": "",
-                    "metric": metric,
-                    "value": float(v),
-                }
-                for im, v in zip(ids, values)
-            ]
-        if got["gaps"]:
-            out["rows"] += [
-                {
-                    "image": im,
-                    "method": method,
-                    "criterion": "faithfulness",
-                    "stage": "",
-                    "metric": "completeness_gap",
-                    "value": float(v),
-                }
-                for im, v in zip(ids, got["gaps"])
-            ]
+            out["rows"] += records(ids, method, "faithfulness", metric, got[key])
         sens_mean = []
         for v in n_values:
             vals = np.asarray(got["sens"][str(v)], dtype=np.float64)
