@@ -827,12 +827,13 @@ def _stat(comparison: Any) -> dict[str, Any]:
 def _stage_means(
     per_image: pd.DataFrame, method: str, criterion: str, stage_names: list[str]
 ) -> list[dict[str, Any]]:
+    from trustmap.trust.stats import summarize
+
     sel = per_image[(per_image.method == method) & (per_image.criterion == criterion)]
     out = []
     for name in stage_names:
-        values = sel[sel.stage == name].value.to_numpy(dtype=np.float64)
-        sd = float(values.std(ddof=1)) if len(values) > 1 else None
-        out.append({"name": name, "mean": float(values.mean()) if len(values) else None, "sd": sd})
+        s = summarize(sel[sel.stage == name].value.to_numpy(dtype=np.float64))
+        out.append({"name": name, "mean": s["mean"], "sd": s["sd"]})
     return out
 
 
