@@ -6,9 +6,9 @@ parses arguments and calls :func:`explain_image`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from trustmap.core.atomic import save_npy_atomic, write_text_atomic
 from trustmap.core.base import build
 from trustmap.core.registry import get_method
 from trustmap.core.targets import TargetSpec
+from trustmap.core.validation import NotApplicableError, TrustmapWarning
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class MethodResult:
     map_path: str | None
     overlay_path: str | None
     error: str | None = None
+    skipped: str | None = None  # why the method cannot explain this model
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ImageSummary:
     probabilities: list[float]
     target: Any
     methods: dict[str, MethodResult] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,60 +59,19 @@ class ImageSummary:
             "prediction": self.prediction,
             "probabilities": self.probabilities,
             "target": self.target,
+            "warnings": self.warnings,
             "methods": {k: _result_json(v) for k, v in self.methods.items()},
         }
 
 
-def load_model(spec: str, weights: str | None = None, device: str = "cpu") -> nn.Module:
-    """A model from a TorchScript file or a ``package.module:factory`` import path.
+def load_model(
+    spec: str, weights: str | None = None, device: str = "cpu", *, arch: str | None = None
+) -> nn.Module:
+    """A model from a file, a MONAI bundle folder or ``package.module:factory``; see
+    :func:`trustmap.models.loading.open_model` (which also returns warnings)."""
+    from trustmap.models.loading import open_model
 
-    ``factory`` is called without arguments and must return an ``nn.Module``; ``weights``
-    (a state dict saved with ``torch.save``) is then loaded into it strictly.
-    """
-    path = Path(spec)
-    if path.suffix in (".pt", ".pth", ".ts", ".torchscript", ".jit") or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"model file not found: {spec}")
-        try:
-            model = torch.jit.load(str(path), map_location=device)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{spec} is not a TorchScript file ({str(err).splitlines()[0]}); save the model "
-                "with torch.jit.save, or pass 'package.module:factory' with --weights"
-            ) from None
-        if weights:
-            raise ValueError("--weights applies to 'package.module:factory' models only")
-        return model.eval()
-    if ":" not in spec:
-        raise ValueError(
-            f"model {spec!r} is neither a file nor 'package.module:factory' (e.g. "
-            "'mypkg.models:build_classifier')"
-        )
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import {module_name!r} for the model: {err}") from None
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"{module_name!r} has no callable {attr!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    if weights:
-        if not Path(weights).exists():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        try:
-            state = torch.load(weights, map_location=device, weights_only=True)
-        except Exception as err:  # torch raises several types for a corrupt file
-            raise ValueError(f"cannot read weights {weights}: {err}") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"weights {weights} do not fit {spec}: {err}") from None
-    return model.to(device).eval()
+    return open_model(spec, weights, device, arch=arch).model
 
 
 def prepare_tensor(
@@ -184,6 +147,9 @@ def explain_image(
         finally:
             model.train(was_training)
     probs = _probabilities(logits)
+    from trustmap.models.loading import input_range_warning
+
+    range_warning = input_range_warning(model, x)
     previous = _previous(out / "summary.json") if resume else {}
     summary = ImageSummary(
         input=name,
@@ -191,6 +157,7 @@ def explain_image(
         prediction=int(probs.argmax()) if probs.numel() > 1 else int(logits.reshape(-1)[0] > 0),
         probabilities=[round(float(p), 6) for p in probs],
         target=target if isinstance(target, (int, type(None))) else str(target),
+        warnings=[range_warning] if range_warning else [],
     )
     image = x[0].detach().cpu().numpy()
     is3d = x.ndim == 5
@@ -201,17 +168,24 @@ def explain_image(
         map_path = out / f"{method}.{'nii.gz' if is3d else 'npy'}"
         png_path = out / f"{method}.png"
         old = previous.get(method)
-        if resume and old and not old.get("error") and map_path.exists():
+        if resume and old and not old.get("error") and not old.get("skipped") and map_path.exists():
+            old = {**old, "warnings": tuple(old.get("warnings") or ())}
             summary.methods[method] = MethodResult(**old)
             maps[method] = _read_map(map_path)
             continue
         explainer = build(get_method(method), model, dict(params.get(method, {})))
         start = time.perf_counter()
         try:
-            exp = explainer.explain(x, target=target)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", TrustmapWarning)
+                exp = explainer.explain(x, target=target)
+        except NotApplicableError as err:  # this model is out of the method's reach
+            summary.methods[method] = MethodResult(method, 0.0, {}, None, None, skipped=str(err))
+            continue
         except (ValueError, TypeError) as err:
             summary.methods[method] = MethodResult(method, 0.0, {}, None, None, error=str(err))
             continue
+        notes = _trustmap_warnings(caught)
         seconds = time.perf_counter() - start
         attr = exp.attributions[0].detach().cpu().numpy()
         if is3d:
@@ -221,12 +195,30 @@ def explain_image(
         overlay(image, attr, png_path, title=f"{method} ({seconds:.2f} s)", spatial_dims=x.ndim - 2)
         maps[method] = attr.sum(0) if is3d else attr
         summary.methods[method] = MethodResult(
-            method, round(seconds, 4), _jsonable(exp.params), map_path.name, png_path.name
+            method,
+            round(seconds, 4),
+            _jsonable(exp.params),
+            map_path.name,
+            png_path.name,
+            warnings=notes,
         )
     if maps and not is3d:
         grid([image] * len(maps), list(maps.values()), list(maps), out / "all_methods.png")
     write_text_atomic(out / "summary.json", json.dumps(summary.to_json(), indent=2))
     return summary
+
+
+def _trustmap_warnings(caught: list[warnings.WarningMessage]) -> tuple[str, ...]:
+    """The distinct TrustmapWarning messages of a method's run; other warnings go on to
+    the caller's filters."""
+    notes: list[str] = []
+    for w in caught:
+        if issubclass(w.category, TrustmapWarning):
+            if str(w.message) not in notes:
+                notes.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return tuple(notes)
 
 
 def _map_affine(like: Any, spatial: Sequence[int]) -> np.ndarray | None:
@@ -282,6 +274,8 @@ def _result_json(r: MethodResult) -> dict[str, Any]:
         "map_path": r.map_path,
         "overlay_path": r.overlay_path,
         "error": r.error,
+        "skipped": r.skipped,
+        "warnings": list(r.warnings),
     }
 
 

@@ -536,7 +536,8 @@ def test_default_layer_plain_cnn_and_cache():
     model, x = deep_head_cnn(2), image(2)
     exp = trustmap.get_method("grad_cam")(model).explain(x, 0)
     assert exp.params["layer"] == "5"  # the ReLU after the last conv feeds the pooling
-    assert _layer._DEFAULT_LAYERS[model] == {(8, 8): "5"}
+    assert list(_layer._DEFAULT_LAYERS[model]) == [(8, 8)]
+    assert _layer._DEFAULT_LAYERS[model][(8, 8)][-1][0] == "5"
     explicit = trustmap.explain(model, x, "grad_cam", target=0, layer="5")
     assert_close(exp.attributions, explicit)
     assert _layer.default_layer(gap_cnn(3), image(3)) == "3"
@@ -552,7 +553,8 @@ def test_default_layer_depends_on_the_input_size():
     small, large = image(2)[..., :2, :2], image(2)
     assert trustmap.get_method("grad_cam")(model).explain(small).params["layer"] == "1"
     assert trustmap.get_method("grad_cam")(model).explain(large).params["layer"] == "3"
-    assert _layer._DEFAULT_LAYERS[model] == {(2, 2): "1", (8, 8): "3"}
+    cache = _layer._DEFAULT_LAYERS[model]
+    assert {key: maps[-1][0] for key, maps in cache.items()} == {(2, 2): "1", (8, 8): "3"}
 
 
 def test_default_layer_of_monai_densenet121(dense):

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from trustmap.cli._common import progress_bars
 
@@ -70,12 +71,23 @@ def _parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, A
 @app.command()
 @friendly_errors
 def explain(
-    model: Annotated[str, typer.Option(help="TorchScript file or package.module:factory")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="TorchScript file, torch.export program (.pt2), trustmap checkpoint, state "
+            "dict (with --arch), MONAI bundle folder, or package.module:factory (imported "
+            "from the current directory)"
+        ),
+    ],
     input: Annotated[Path, typer.Option("--input", "-i", help="DICOM, NIfTI, PNG/JPEG or NPY")],
     method: Annotated[str, typer.Option(help="method name(s), comma-separated, or 'all'")],
     out: Annotated[Path, typer.Option(help="output directory")],
     target: Annotated[str, typer.Option(help="class index, or 'predicted'")] = "predicted",
     weights: Annotated[Path | None, typer.Option(help="state dict for a factory model")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="trustmap architecture of a state-dict --model (e.g. densenet121)"),
+    ] = None,
     param: Annotated[
         list[str] | None, typer.Option("--param", "-p", help="name=value or method.name=value")
     ] = None,
@@ -88,14 +100,21 @@ def explain(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     resume: Annotated[bool, typer.Option(help="skip methods already written in --out")] = False,
 ) -> None:
-    """Explain one image with one or more methods; write maps, overlays and summary.json."""
+    """Explain one image with one or more methods; write maps, overlays and summary.json.
+
+    A method that cannot explain this model (e.g. LRP on a TorchScript model) is skipped
+    with one line saying why; the others still run."""
     from trustmap.data.io import load
-    from trustmap.run import explain_image, load_model, prepare_tensor
+    from trustmap.models.loading import open_model
+    from trustmap.run import explain_image, prepare_tensor
 
     names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
     params = _parse_params(param or [], names)
     tgt: int | None = None if target == "predicted" else _int(target, "--target")
-    net = load_model(model, str(weights) if weights else None, device)
+    loaded = open_model(model, str(weights) if weights else None, device, arch=arch)
+    for note in loaded.warnings:
+        warn(note)
+    net = loaded.model
     image = load(input, window=window) if window else load(input)
     x = prepare_tensor(
         image.array,
@@ -122,11 +141,21 @@ def explain(
             resume=resume,
             on_method=lambda m: (step(m), progress.advance(task)),
         )
+    for note in summary.warnings:
+        warn(note)
     console.print(f"prediction: class {summary.prediction}  probabilities {summary.probabilities}")
     failed = {m: r.error for m, r in summary.methods.items() if r.error}
     for m, r in summary.methods.items():
-        console.print(f"  {m:<22} {'failed: ' + str(r.error) if r.error else f'{r.seconds:.3f} s'}")
-    console.print(f"wrote {out / 'summary.json'}")
+        if r.error:
+            line = f"failed: {r.error}"
+        elif r.skipped:
+            line = f"skipped: {r.skipped}"
+        else:
+            line = f"{r.seconds:.3f} s"
+        console.print(f"  {m:<22} {escape(line)}", highlight=False)
+        for note in r.warnings:
+            warn(f"{m}: {note}")
+    console.print(f"wrote {out / 'summary.json'}", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -157,6 +186,13 @@ def demo(
         for m, e in errors.items():
             console.print(f"  {m} failed: {e}")
     console.print(f"overlays, maps and summaries in {out}/")
+
+
+def warn(text: str) -> None:
+    """One yellow ``warning:`` line on stderr."""
+    Console(stderr=True, soft_wrap=True).print(
+        f"[yellow]warning:[/] {escape(text)}", highlight=False
+    )
 
 
 def _int(value: str, option: str) -> int:

@@ -14,8 +14,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._ops import OpOverload
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
+
+from trustmap.core.script import OTHER_ACTIVATION_OPS, is_script_module, script_graph
+from trustmap.core.validation import NotApplicableError
 
 
 @contextlib.contextmanager
@@ -186,6 +190,22 @@ class _ModifiedReLUMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        # A torch.export program calls the ATen operators themselves (aten.relu.default).
+        aten = f"aten::{func.overloadpacket.__name__}" if isinstance(func, OpOverload) else None
+        if aten in ("aten::relu", "aten::relu_"):
+            x = args[0]
+            self.calls += 1
+            if not x.requires_grad:
+                return func(*args, **kwargs)
+            if aten == "aten::relu_" and not x.is_leaf:
+                return _ReLUInplace.apply(x, self.rule)
+            return _ReLU.apply(x, self.rule)
+        if aten in OTHER_ACTIVATION_OPS:
+            raise NotApplicableError(
+                f"{self.method} is defined for ReLU networks only, but the model calls "
+                f"{OTHER_ACTIVATION_OPS[aten]}; use 'gradient', 'integrated_gradients' or a "
+                "CAM method for this model"
+            )
         if func in _RELU_FUNCS or func in _RELU_INPLACE_FUNCS:
             x = args[0]
             inplace = func in _RELU_INPLACE_FUNCS or bool(kwargs.get("inplace", False))
@@ -198,7 +218,7 @@ class _ModifiedReLUMode(TorchFunctionMode):
                 return _ReLUInplace.apply(x, self.rule)
             return _ReLU.apply(x, self.rule)
         if func in _OTHER_ACTIVATIONS:
-            raise ValueError(
+            raise NotApplicableError(
                 f"{self.method} is defined for ReLU networks only, but the model calls "
                 f"{_OTHER_ACTIVATIONS[func]}; use 'gradient', 'integrated_gradients' or a CAM "
                 "method for this model"
@@ -207,27 +227,29 @@ class _ModifiedReLUMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def modified_relu(model: nn.Module, rule: str, method: str) -> Iterator[_ModifiedReLUMode]:
+def modified_relu(
+    model: nn.Module, rule: str, method: str
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """Within the block, every ReLU back-propagates by ``rule`` ("guided" or "deconvnet").
 
-    Raises a ValueError naming the activation if the model uses a hidden-layer activation
-    other than ReLU, and for TorchScript models, whose ReLU calls cannot be intercepted.
+    Yields the forward function to differentiate: the model itself (its ReLU calls are
+    intercepted while the block runs) or, for a TorchScript model, a copy of its forward
+    graph whose ReLUs call the rule's operator (:mod:`trustmap.core.script`). Raises a
+    ValueError naming the activation if the model uses a hidden-layer activation other
+    than ReLU.
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(
-            f"{method} cannot modify the ReLUs inside a TorchScript model; pass the "
-            "Python nn.Module instead"
-        )
+    if is_script_module(model):
+        yield script_graph(model).relu_rule_forward(model, rule, method)
+        return
     for name, module in model.named_modules():
         for cls, label in _ACTIVATION_MODULES.items():
             if isinstance(module, cls):
-                raise ValueError(
+                raise NotApplicableError(
                     f"{method} is defined for ReLU networks only, but layer {name!r} is "
                     f"{label}; use 'gradient', 'integrated_gradients' or a CAM method"
                 )
-    mode = _ModifiedReLUMode(rule, method)
-    with mode:
-        yield mode
+    with _ModifiedReLUMode(rule, method):
+        yield model
 
 
 _ACTIVATION_MODULES: dict[type, str] = {

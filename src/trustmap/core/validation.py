@@ -6,6 +6,19 @@ import torch
 from torch import nn
 
 
+class NotApplicableError(ValueError):
+    """The method cannot explain this model (a TorchScript model for a method that needs
+    its Python modules, a head CAM cannot read, an activation guided backprop does not
+    define). ``trustmap explain`` reports it as one "skipped" line per method and goes on
+    with the others."""
+
+
+class TrustmapWarning(UserWarning):
+    """The result is computed but is probably not what the user wants (random weights, an
+    input far outside the training range, a CAM layer of 2 x 2 positions). The command
+    line prints each one as a line starting with ``warning:``."""
+
+
 def check_input(x: object) -> torch.Tensor:
     """Validate an image batch and return a detached copy the caller cannot see mutated.
 
@@ -74,6 +87,12 @@ def check_output(output: object, batch: int) -> torch.Tensor:
 def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return value
 
 

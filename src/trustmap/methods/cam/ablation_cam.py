@@ -11,6 +11,7 @@ from trustmap.core.base import Explainer
 from trustmap.core.batching import chunks
 from trustmap.core.hooks import capture_layer
 from trustmap.core.registry import register
+from trustmap.core.script import is_script_module, script_graph
 from trustmap.core.targets import Target, TargetSpec
 from trustmap.methods.cam._layer import (
     LayerPass,
@@ -59,8 +60,16 @@ def ablated_scores(
         return rows.masked_fill(drop, 0)
 
     inputs = x1 if expand else x1.expand(n, *x1.shape[1:])
-    with torch.no_grad(), capture_layer(lp.module, replace=ablate):
-        output = model(inputs)
+    if is_script_module(model):
+        # The graph replaces the layer's last call only, so ``ablate`` sees that call.
+        graph = script_graph(model)
+        calls = lp.calls - 1
+        with torch.no_grad():
+            _, (act,), _ = graph.run(model, inputs, outputs=[lp.layer])
+            output = graph.run_replacing(model, inputs, lp.layer, ablate(act))
+    else:
+        with torch.no_grad(), capture_layer(lp.module, replace=ablate):
+            output = model(inputs)
     if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != n:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
         raise _ShapeMismatch(f"expected {n} output rows, got {shape}")

@@ -12,7 +12,9 @@ from torch import nn
 from trustmap.core.base import Explainer
 from trustmap.core.hooks import hook_handles
 from trustmap.core.registry import register
+from trustmap.core.script import is_script_module, module_type, script_graph
 from trustmap.core.targets import Target, TargetSpec
+from trustmap.core.validation import NotApplicableError
 from trustmap.methods.cam._layer import LayerPass, finish, layer_pass, spatial_dims, weighted_sum
 
 
@@ -30,6 +32,22 @@ def _linear_calls(model: nn.Module) -> Iterator[list[tuple[nn.Linear, torch.Tens
             if isinstance(module, nn.Linear):
                 handles.append(module.register_forward_hook(hook))
         yield calls
+
+
+def _script_linear_calls(
+    model: nn.Module, x: torch.Tensor
+) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """:func:`_linear_calls` for a TorchScript model, read from its forward graph."""
+    graph = script_graph(model)
+    modules = dict(model.named_modules())
+    names = [
+        n
+        for n, c in sorted(graph.calls.items(), key=lambda item: item[1].end)
+        if module_type(modules[n]) == "Linear" and c.input is not None
+    ]
+    with torch.no_grad():
+        _, outputs, inputs = graph.run(model, x, outputs=names, inputs_of=names)
+    return [(modules[n], i, o) for n, i, o in zip(names, inputs, outputs)]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -71,7 +89,7 @@ def head_weights(
                 signs = target.signs.to(act.device, act.dtype).unsqueeze(1)
                 return weight[0].unsqueeze(0) * signs, features
             return weight[target.classes.to(weight.device)], features
-    raise ValueError(
+    raise NotApplicableError(
         f"cam needs layer {lp.layer!r} (output {tuple(act.shape)}) to be followed by "
         "global average (or max) pooling and one linear layer whose output is the "
         "model's score (Zhou et al. 2016); this model's head is different. Use "
@@ -115,8 +133,12 @@ class CAM(Explainer):
     def attribute(
         self, x: torch.Tensor, target: TargetSpec | Target
     ) -> tuple[torch.Tensor, torch.Tensor, Target, dict[str, Any]]:
-        with _linear_calls(self.model) as calls:
+        if is_script_module(self.model):
             lp = layer_pass(self, x, target, self.layer, gradient=False)
+            calls = _script_linear_calls(self.model, x)
+        else:
+            with _linear_calls(self.model) as calls:
+                lp = layer_pass(self, x, target, self.layer, gradient=False)
         weights, features = head_weights(calls, lp)
         cam = weighted_sum(weights, features)
         return finish(cam, x, relu=False), lp.output, lp.target, lp.extra

@@ -12,6 +12,7 @@ from trustmap.core.batching import input_gradient
 from trustmap.core.hooks import modified_relu
 from trustmap.core.registry import register
 from trustmap.core.targets import Target, TargetSpec
+from trustmap.core.validation import check_output
 from trustmap.methods.cam._layer import finish, gradient_cam
 from trustmap.methods.cam.grad_cam import grad_cam_map
 
@@ -52,6 +53,6 @@ class GuidedGradCAM(Explainer):
         self, x: torch.Tensor, target: TargetSpec | Target
     ) -> tuple[torch.Tensor, torch.Tensor, Target, dict[str, Any]]:
         cam, lp = gradient_cam(self, x, target, self.layer, grad_cam_map)
-        with modified_relu(self.model, "guided", self.name):
-            guided, _ = input_gradient(self.forward, x, lp.target)
+        with modified_relu(self.model, "guided", self.name) as forward:
+            guided, _ = input_gradient(lambda t: check_output(forward(t), t.shape[0]), x, lp.target)
         return guided * finish(cam, x, relu=True), lp.output, lp.target, lp.extra

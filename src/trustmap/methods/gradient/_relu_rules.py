@@ -15,6 +15,6 @@ from trustmap.methods.gradient._single import gradient_at_input
 def modified_relu_gradient(
     explainer: Explainer, x: torch.Tensor, target: TargetSpec | Target, rule: str
 ) -> tuple[torch.Tensor, torch.Tensor, Target, dict[str, Any]]:
-    with modified_relu(explainer.model, rule, explainer.name):
-        grad, output, resolved = gradient_at_input(explainer, x, target)
+    with modified_relu(explainer.model, rule, explainer.name) as forward:
+        grad, output, resolved = gradient_at_input(explainer, x, target, forward=forward)
     return grad, output, resolved, {}

@@ -82,12 +82,6 @@ def number(
     return v
 
 
-def non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
 def rows_per_pass(batch_size: object, x: torch.Tensor) -> int:
     """Rows per forward pass: ``batch_size``, or a default from the voxels per row."""
     if batch_size is not None:

@@ -15,12 +15,11 @@ from trustmap.core.base import Explainer
 from trustmap.core.registry import register
 from trustmap.core.seeding import generator, resolve_seed
 from trustmap.core.targets import Target, TargetSpec
-from trustmap.core.validation import positive_int
+from trustmap.core.validation import non_negative_int, positive_int
 from trustmap.methods.perturbation._common import perturbation_baseline
 from trustmap.methods.perturbation._mask_optim import (
     blend,
     jitter_shifts,
-    non_negative_int,
     number,
     projected_adam,
     resize,

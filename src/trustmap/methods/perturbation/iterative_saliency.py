@@ -15,9 +15,9 @@ from trustmap.core.base import Explainer, build
 from trustmap.core.registry import get_method, register
 from trustmap.core.seeding import resolve_seed
 from trustmap.core.targets import Target, TargetSpec, take
-from trustmap.core.validation import choice, positive_int
+from trustmap.core.validation import choice, non_negative_int, positive_int
 from trustmap.methods.gradient.integrated_gradients import gaussian_blur
-from trustmap.methods.perturbation._mask_optim import non_negative_int, number
+from trustmap.methods.perturbation._mask_optim import number
 
 INPAINTERS = ("auto", "biharmonic", "normalized_convolution")
 WEIGHTS = ("score", "uniform", "decay")

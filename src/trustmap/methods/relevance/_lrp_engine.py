@@ -42,8 +42,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trustmap.core.hooks import hook_handles
+from trustmap.core.script import compiled_kind
 from trustmap.core.targets import resolve_target
-from trustmap.core.validation import check_output
+from trustmap.core.validation import NotApplicableError, check_output
 from trustmap.methods.relevance import _canonizers as canon
 from trustmap.methods.relevance._composites import Composite
 from trustmap.methods.relevance._rules import CONSTANT_INPUTS, Rule, Term, safe_divide
@@ -625,7 +626,7 @@ class _LayerFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # The forward-pass mode
 # ----------------------------------------------------------------------------------------
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(NotApplicableError):
     """A layer or op through which relevance cannot be propagated faithfully."""
 
 
@@ -1176,13 +1177,12 @@ def lrp_pass(
     ``tape.layer_outputs`` (for relevance at intermediate layers).
     """
     named = list(model.named_modules())
-    for name, module in named:
-        if isinstance(module, (torch.jit.ScriptModule, torch.jit.RecursiveScriptModule)):
-            where = f"layer {name!r}" if name else "the model"
-            raise ValueError(
-                f"{method} cannot attach LRP rules inside a TorchScript module ({where}); "
-                "pass the Python nn.Module instead"
-            )
+    compiled = compiled_kind(model)
+    if compiled is not None:
+        raise NotApplicableError(
+            f"{method} cannot attach LRP rules to the layers of a {compiled} model, which "
+            "runs compiled code instead of its modules; pass the Python nn.Module instead"
+        )
     session = _Session(
         model=model,
         composite=composite,

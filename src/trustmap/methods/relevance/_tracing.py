@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from trustmap.core.script import compiled_kind
+from trustmap.core.validation import NotApplicableError
+
 T = torch.Tensor
 
 # -- the op table ------------------------------------------------------------------------
@@ -242,9 +245,10 @@ def module_stack(model: nn.Module) -> Iterator[ModuleStack]:
 
 
 def check_traceable(model: nn.Module, method: str) -> None:
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(
-            f"{method} follows every op of the forward pass, which a TorchScript model "
+    compiled = compiled_kind(model)
+    if compiled is not None:
+        raise NotApplicableError(
+            f"{method} follows every op of the forward pass, which a {compiled} model "
             "hides; pass the Python nn.Module instead"
         )
 
@@ -297,10 +301,11 @@ class Tracer(TorchFunctionMode):
 
     def unsupported(self, func: Any, why: str = "") -> ValueError:
         reason = f" ({why})" if why else ""
-        return self.fail(
-            f"no propagation rule for {op_name(func)}{reason}; the method handles linear "
-            "and convolutional layers, BatchNorm in eval mode, pooling, concatenation, "
-            "residual additions and elementwise activations"
+        return NotApplicableError(
+            f"{self.method}: no propagation rule for {op_name(func)}{reason}; the method "
+            "handles linear and convolutional layers, BatchNorm in eval mode, pooling, "
+            "concatenation, residual additions and elementwise activations, called in "
+            f"{self.modules.current()}"
         )
 
     # dispatch -------------------------------------------------------------------------
