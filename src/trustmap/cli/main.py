@@ -230,6 +230,9 @@ _register_subcommands()
 
 
 def main() -> None:
+    from trustmap.cli._common import default_wait_policy
+
+    default_wait_policy()  # before anything imports torch
     app()
 
 

@@ -5,7 +5,6 @@ The command is a plain function; the main app registers it with ``app.command()(
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +14,14 @@ from rich.markup import escape
 from rich.progress import TaskID
 from rich.table import Table
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import (
+    busy_machine_advice,
+    format_seconds,
+    progress_bars,
+    set_threads,
+    time_table,
+    warnings_as_lines,
+)
 
 console = Console()
 
@@ -54,7 +60,8 @@ def trust(
     with a pass / did not pass / uncertain verdict per method. Writes results.json,
     per_image.csv, figures and a self-contained report.html into OUT."""
     try:
-        _trust(out, config, quick, full, method, n_images, device, threads)
+        with warnings_as_lines(console):
+            _trust(out, config, quick, full, method, n_images, device, threads)
     except (ValueError, TypeError, FileNotFoundError) as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(2) from None
@@ -94,23 +101,63 @@ def _trust(
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
     set_threads(threads)
+    advice = busy_machine_advice(threads)
+    if advice:
+        console.print(f"[yellow]note:[/] {escape(advice)}", highlight=False)
 
-    started = time.perf_counter()
-    with progress_bars(console, transient=True) as bar:
-        task: TaskID = bar.add_task("trust", total=None)
+    from trustmap.trust.estimate import RunClock, estimate_run
+
+    console.print("probing this machine to estimate the run time ...", highlight=False)
+    estimate = estimate_run(cfg)
+    console.print(
+        f"estimated total: ~{format_seconds(estimate.total)} (probe took "
+        f"{format_seconds(estimate.probe_seconds)}; less where models are already trained "
+        "or training stops early)",
+        highlight=False,
+    )
+    clock = RunClock(estimate)
+    labels = {s.key: s.label for s in estimate.stages}
+    with progress_bars(console) as bar:
+        overall: TaskID = bar.add_task("total", total=estimate.total, left=estimate.total)
+        stage: TaskID = bar.add_task("starting", total=None)
 
         def progress(text: str, done: int, total: int) -> None:
-            bar.update(task, description=escape(text), completed=done, total=total or None)
+            key = clock.update(text, done, total)
+            bar.update(overall, completed=clock.done_estimate(), left=clock.remaining())
+            bar.update(
+                stage,
+                description=escape(text),
+                completed=done,
+                total=total or None,
+                left=_stage_left(clock, estimate, key),
+            )
 
         result = run(cfg, progress=progress)
+        bar.update(overall, completed=estimate.total, left=0.0)
+        bar.update(stage, description="done", completed=1, total=1, left=0.0)
+    took = clock.stage_times()
+    rows = [(labels.get(k, k), estimate.seconds_of(k), took.get(k)) for k in labels]
+    rows += [(k, None, v) for k, v in took.items() if k not in labels]
+    elapsed = clock.elapsed()
+    rows.append(("total", estimate.total, elapsed))
+    console.print(time_table(rows, title="time per stage"))
     for note in result.results.get("notes", []):
         if note.startswith("WARNING"):
             console.print(f"[yellow]{escape(note)}[/]")
     _print_summary(result.results)
     console.print(
         f"\nwrote {escape(str(result.files['report']))} and results.json, per_image.csv, "
-        f"figures/ in {escape(str(result.out))} ({time.perf_counter() - started:.0f} s)"
+        f"figures/ in {escape(str(result.out))} ({format_seconds(elapsed)}; estimated "
+        f"~{format_seconds(estimate.total)})"
     )
+
+
+def _stage_left(clock: Any, estimate: Any, key: str) -> float | None:
+    """Time left in the current stage: its estimate not yet done, at the run's speed."""
+    seconds = estimate.seconds_of(key)
+    if not seconds:
+        return None
+    return max(0.0, (1 - clock.fraction) * seconds * clock.speed())
 
 
 def _print_summary(results: dict[str, Any]) -> None:

@@ -77,6 +77,7 @@ def stage_of(text: str) -> str:
         ("maps of A2 and B", "A2 and B"),
         ("faithfulness", "faithfulness"),
         ("figures and report", "report"),
+        ("statistics", "report"),
     ):
         if text.startswith(prefix):
             return key

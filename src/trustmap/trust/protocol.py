@@ -160,6 +160,7 @@ def run(
     timings: dict[str, float] = {}
     prepared = prepare(cfg, progress=progress, timings=timings)
     results, per_image, examples = evaluate(cfg, prepared, progress=progress, timings=timings)
+    _say(progress, "figures and report")
     results, files = write_outputs(
         cfg, results, per_image, examples, timings=timings, started=started
     )
@@ -488,6 +489,7 @@ def evaluate(
     timings["faithfulness"] = time.perf_counter() - tick
 
     # -- statistics and results -------------------------------------------------------------
+    _say(progress, "statistics")
     tick = time.perf_counter()
     per_image = pd.DataFrame(
         rows + faith["rows"], columns=["image", "method", "criterion", "stage", "metric", "value"]

@@ -24,8 +24,8 @@ class SmoothIG(Explainer):
 
     Takes the parameters of both :class:`SmoothGrad` (``n_samples``, ``noise_level``,
     ``variant``, ``seed``) and of integrated gradients (``n_steps``, ``baseline``,
-    ``rule``, ``batch_size``, ``blur_sigma``). Cost: ``n_samples * n_steps`` gradient
-    passes.
+    ``rule``, ``batch_size``, ``blur_sigma``), and SmoothGrad's ``shift`` against the
+    lattice of strided convolutions. Cost: ``n_samples * n_steps`` gradient passes.
     """
 
     def __init__(
@@ -41,6 +41,7 @@ class SmoothIG(Explainer):
         rule: str = "trapezoid",
         batch_size: int | None = None,
         blur_sigma: float | None = None,
+        shift: int = 0,
     ) -> None:
         self.model = model
         self.n_samples = n_samples
@@ -52,6 +53,7 @@ class SmoothIG(Explainer):
         self.rule = rule
         self.batch_size = batch_size
         self.blur_sigma = blur_sigma
+        self.shift = shift
 
     def attribute(
         self, x: torch.Tensor, target: TargetSpec | Target
@@ -69,6 +71,7 @@ class SmoothIG(Explainer):
             rule=self.rule,
             batch_size=self.batch_size,
             blur_sigma=self.blur_sigma,
+            shift=self.shift,
         )
         if self.seed is not None:
             wrapper.base_params["seed"] = self.seed

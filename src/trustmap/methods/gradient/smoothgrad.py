@@ -212,7 +212,7 @@ class SmoothGrad(Explainer):
             batch_size=self.batch_size,
             shift=shift,
         )
-        if shift == 0 and base_cls.family == "gradient" and self.name == "smoothgrad":
+        if shift == 0 and base_cls.family == "gradient":
             period = stride_lattice(self.model)
             if period > 1:
                 warnings.warn(
