@@ -195,3 +195,94 @@ def urls(
         raise _fail(err) from None
     for reader, token in tokens.items():
         console.print(f"reader {reader + 1}: {reader_url(base_url, token)}")
+
+
+@app.command()
+def analyze(
+    study_dir: Annotated[Path, typer.Argument(help="study directory or study.sqlite")],
+    out: Annotated[Path, typer.Option(help="directory for report.html, analysis.json, CSVs")],
+    admin_key: Annotated[
+        str | None, typer.Option(help="admin key (default: $TRUSTMAP_STUDY_ADMIN_KEY, ADMIN_KEY)")
+    ] = None,
+    simulate: Annotated[
+        int | None,
+        typer.Option(
+            help="fill a copy of the study with simulated readers and analyse it; N > 1 also "
+            "estimates the power over N simulated studies"
+        ),
+    ] = None,
+    effect: Annotated[
+        str | None,
+        typer.Option(help="simulated method effects, method=value,... (scale units)"),
+    ] = None,
+    reader_noise: Annotated[float, typer.Option(help="simulated answer noise sd")] = 1.0,
+    reader_bias: Annotated[float, typer.Option(help="simulated reader offset sd")] = 0.5,
+    drift: Annotated[float, typer.Option(help="simulated change from first to last question")] = (
+        0.0
+    ),
+    first_slot: Annotated[
+        float, typer.Option(help="simulated bonus for the panel shown first")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="seeds the bootstrap and the simulation")] = 0,
+    n_boot: Annotated[int, typer.Option(help="bootstrap resamples for the CIs")] = 2000,
+) -> None:
+    """De-blind and analyse the answers: Tables 2-4, Figures 7-9 and the checks of
+    Katzmann et al. 2021 (or the reader-performance arms), as HTML, JSON and CSV."""
+    from trustmap.study.report import analyze_study
+    from trustmap.study.simulate import SimulationSpec, parse_effects
+
+    try:
+        spec = None
+        if simulate is not None:
+            if simulate < 1:
+                raise ValueError(f"--simulate must be >= 1, got {simulate}")
+            spec = SimulationSpec(
+                parse_effects(effect),
+                reader_noise=reader_noise,
+                reader_bias=reader_bias,
+                drift=drift,
+                first_slot=first_slot,
+            )
+        elif effect:
+            raise ValueError("--effect only applies with --simulate N")
+        if n_boot < 100:
+            raise ValueError(f"--n-boot must be >= 100, got {n_boot}")
+        with console.status("analysing"):
+            result = analyze_study(
+                study_dir,
+                out,
+                admin_key=admin_key,
+                simulate=spec,
+                n_sim=simulate if simulate and simulate > 1 else 0,
+                seed=seed,
+                n_boot=n_boot,
+            )
+    except USER_ERRORS as err:
+        raise _fail(err) from None
+    res = result.analysis
+    if result.simulated:
+        console.print("[yellow]simulated readers[/] (the study's own answers are untouched)")
+    if result.design == "rating":
+        console.print(f"{res.n_readers} readers, {res.n_answers} of {res.n_expected} answers")
+        for crit in res.criteria:
+            ordered = sorted(res.methods, key=lambda m: -res.z.cells[crit][m]["mean"])
+            shown = ", ".join(
+                f"{m} {res.z.cells[crit][m]['mean']:+.2f}{res.z.cells[crit][m].get('stars', '')}"
+                for m in ordered
+            )
+            console.print(f"  {crit}: {shown}")
+        console.print(f"order: {res.order['verdict']}")
+    else:
+        for arm in res.arms:
+            t = res.table[arm]
+            console.print(
+                f"  {arm:<24} accuracy {t['correct']['mean']:.3f}  confidence "
+                f"{t['confidence']['mean']:.2f}  time {t['time_ms']['mean']:.0f} ms"
+            )
+    if result.power is not None:
+        console.print(
+            f"power over {result.power['n_sim']} simulated studies: planted order recovered in "
+            f"{result.power['ranking'] if result.power['ranking'] is not None else '-'}, "
+            f"best first in {result.power['best_first']:.2f}"
+        )
+    console.print(f"wrote {result.files['report']} and {len(result.files) - 1} more files")

@@ -261,6 +261,10 @@ def mixed_model(df: pd.DataFrame, criterion: str, reference: str) -> dict[str, A
     import statsmodels.formula.api as smf
 
     sub = df[df["criterion"] == criterion].copy()
+    if sub["method"].nunique() < 2 or reference not in set(sub["method"]):
+        return {"error": "mixed model not fitted: fewer than two methods have answers"}
+    if sub["reader"].nunique() < 2 or sub["case"].nunique() < 2:
+        return {"error": "mixed model not fitted: needs answers of two readers on two cases"}
     sub["method"] = pd.Categorical(sub["method"])
     sub["group"] = 1
     n_readers = sub["reader"].nunique()
@@ -271,7 +275,7 @@ def mixed_model(df: pd.DataFrame, criterion: str, reference: str) -> dict[str, A
         try:
             model = smf.mixedlm(formula, sub, groups="group", re_formula="0", vc_formula=vc)
             fit = model.fit(reml=True, method=["lbfgs", "powell"])
-        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as err:
+        except Exception as err:  # patsy, numpy and statsmodels fail in many ways
             return {"error": f"mixed model failed: {type(err).__name__}: {err}"}
     notes = sorted({str(w.message).splitlines()[0] for w in caught})
     df_t = max(n_readers - 1, 1)
@@ -519,9 +523,20 @@ def order_effects(df: pd.DataFrame, *, alpha: float = 0.05) -> dict[str, Any]:
         terms.append("C(slot)")
     if data["position"].nunique() > 1:
         terms.append("position")
-    with _quiet():
-        fit = smf.ols("z ~ " + " + ".join(terms), data).fit()
-        table = anova_lm(fit, typ=2)
+    try:
+        with _quiet():
+            fit = smf.ols("z ~ " + " + ".join(terms), data).fit()
+            table = anova_lm(fit, typ=2)
+        if not fit.df_resid > 0:
+            raise ValueError("no residual degrees of freedom")
+    except Exception as err:  # too few answers for the model: say so, decide nothing
+        return {
+            "verdict": f"order effects not tested: {err}",
+            "found": False,
+            "alpha": alpha,
+            "tests": [],
+            "variants": {"tests": []},
+        }
     if "C(slot)" in terms:
         df_slot, df_res = int(table.loc["C(slot)", "df"]), int(table.loc["Residual", "df"])
         slot_means = data.groupby("slot")["z"].mean()
@@ -630,8 +645,35 @@ def analyze_ratings(
     seed: int = 0,
     alpha: float = 0.05,
     mixed: bool = True,
+    n_expected: int | None = None,
 ) -> RatingAnalysis:
-    """The rating design's analysis (module docstring) of :func:`ratings_frame` output."""
+    """The rating design's analysis (module docstring) of :func:`ratings_frame` output;
+    ``n_expected`` is the number of answers the study asks for (default: every reader and
+    case seen, times methods and criteria)."""
+    with _quiet():  # degenerate corners (all-NaN slices, equal values) are handled below
+        return _analyze_ratings(
+            df,
+            methods=methods,
+            criteria=criteria,
+            n_boot=n_boot,
+            seed=seed,
+            alpha=alpha,
+            mixed=mixed,
+            n_expected=n_expected,
+        )
+
+
+def _analyze_ratings(
+    df: pd.DataFrame,
+    *,
+    methods: Sequence[str] | None,
+    criteria: Sequence[str] | None,
+    n_boot: int,
+    seed: int,
+    alpha: float,
+    mixed: bool,
+    n_expected: int | None,
+) -> RatingAnalysis:
     methods = list(methods) if methods is not None else sorted(df["method"].unique())
     criteria = list(criteria) if criteria is not None else list(dict.fromkeys(df["criterion"]))
     unknown = sorted(set(df["method"]) - set(methods))
@@ -640,7 +682,8 @@ def analyze_ratings(
     notes: list[str] = []
     data = df.assign(z=z_adjust(df), rank=rank_scores(df))
     n_readers, n_cases = data["reader"].nunique(), data["case"].nunique()
-    n_expected = n_readers * n_cases * len(methods) * len(criteria)
+    if n_expected is None:
+        n_expected = n_readers * n_cases * len(methods) * len(criteria)
     if len(data) < n_expected:
         notes.append(
             f"{n_expected - len(data)} of {n_expected} answers are missing; means use the "
@@ -791,6 +834,13 @@ def analyze_reader_performance(
     df: pd.DataFrame, arms: Sequence[str], *, n_boot: int = 2000, seed: int = 0
 ) -> ReaderPerformanceAnalysis:
     """The reader-performance analysis of :func:`readings_frame` output."""
+    with _quiet():
+        return _analyze_reader_performance(df, arms, n_boot=n_boot, seed=seed)
+
+
+def _analyze_reader_performance(
+    df: pd.DataFrame, arms: Sequence[str], *, n_boot: int, seed: int
+) -> ReaderPerformanceAnalysis:
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
 
