@@ -144,6 +144,7 @@ def serve(
                 "[yellow]note:[/] listening beyond loopback: readers' links and answers travel "
                 "unencrypted unless a TLS proxy is in front"
             )
+        console.file.flush()  # a supervising process reads the URL from a pipe
 
     try:
         run_server(study_dir, host, port, on_ready=ready)
