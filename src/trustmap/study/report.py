@@ -616,14 +616,16 @@ def _power_html(p: dict[str, Any]) -> str:
         for c, per in p["power"].items()
         for m, v in per.items()
     )
-    ranking = "\u2014" if p["ranking"] is None else f"{p['ranking']:.2f}"
+    ranking = _DASH if p["ranking"] is None else f"{p['ranking']:.2f}"
+    alarm = p["order_effect_reported"]
+    alarm_text = _DASH if alarm is None else f"{alarm:.2f}"
     return (
         f"<h2>Power ({p['n_sim']} simulated studies, alpha = {p['alpha']})</h2>"
         f"<p>Planted effects: {_e(p['effects'])}; readers: {_e(p['spec'])}.</p>"
         f"<table><thead><tr><th>criterion</th><th>comparison</th><th>power</th></tr></thead>"
         f"<tbody>{rows}</tbody></table><p>Planted order recovered in {ranking}, best method "
         f"first in {p['best_first']:.2f}; an order effect reported in "
-        f"{p['order_effect_reported']:.2f} of the simulated studies.</p>"
+        f"{alarm_text} of the simulated studies.</p>"
     )
 
 
