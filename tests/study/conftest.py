@@ -17,12 +17,10 @@ from tests.models._toy import write_toy_dir
 METHODS = ["grad_cam", "saliency", "integrated_gradients"]
 
 
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory):
-    """A toy dataset folder (40 test images) and a small_cnn that separates it (~5 s)."""
+def make_trained_model(root: Path) -> tuple[Path, Path]:
+    """A toy dataset folder (24 test images) and a small_cnn that separates it (~5 s)."""
     from trustmap.models.training import TrainConfig, train_classifier
 
-    root = tmp_path_factory.mktemp("study_model")
     data = write_toy_dir(root / "toy", n=120, size=24)
     config = TrainConfig(
         epochs=3,
@@ -40,6 +38,11 @@ def trained_model(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return data, root / "run"
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    return make_trained_model(tmp_path_factory.mktemp("study_model"))
 
 
 @pytest.fixture(scope="session")

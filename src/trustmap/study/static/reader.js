@@ -101,6 +101,7 @@
         const detail = await r.json().catch(() => ({}));
         throw new Error(r.status + " " + (detail.detail || r.statusText));
       }
+      await r.json(); // read the confirmation through, so the request completes cleanly
       sending.delete(itemId);
       if (pending.get(itemId) === value) pending.delete(itemId);
       else return send(itemId, 0); // changed while in flight: send the newer value
