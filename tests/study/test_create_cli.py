@@ -104,6 +104,34 @@ def test_reader_performance_arms_rotate_over_cases_and_readers(trained_model, tm
         counts = [list(arm[r, c] for c in range(6)).count(a) for a in ("image", "map")]
         assert counts == [2, 2]
 
+    # Readers answer: right whenever a map or the prediction is shown, wrong on every
+    # second image-alone reading; the analysis must give exactly these accuracies.
+    from trustmap.study.report import analyze_study
+
+    labels = dict(st.con.execute("SELECT case_id, label FROM cases"))
+    items = st.con.execute(
+        "SELECT i.item_id, i.field, q.reader_id, q.case_id FROM items i "
+        "JOIN questions q ON q.question_id = i.question_id"
+    ).fetchall()
+    truth = {}
+    for item, field, reader, case in items:
+        a = arm[reader, case]
+        right = a != "image" or (reader + case) % 2 == 0
+        truth[reader, case] = (a, right)
+        value = labels[case] if right else 1 - labels[case]
+        if field == "confidence":
+            value = 5 if a == "map" else 3
+        st.save_answer(reader, item, value, 1000.0 + 500 * (a == "map"))
+    result = analyze_study(made.path.parent, tmp_path / "rp_an", n_boot=200)
+    table = result.analysis.table
+    for name, key in (("image", "image"), ("prediction", "prediction"), ("map:grad_cam", "map")):
+        rights = [ok for (a, ok) in truth.values() if a == key]
+        assert table[name]["correct"]["mean"] == pytest.approx(sum(rights) / len(rights))
+        assert table[name]["n"] == len(rights)
+    assert table["map:grad_cam"]["confidence"]["mean"] == 5
+    assert table["map:grad_cam"]["time_ms"]["mean"] == 1500
+    assert "accuracy" in (tmp_path / "rp_an" / "report.html").read_text()
+
 
 def test_criteria_and_scale_parsing():
     assert [c.name for c in parse_criteria(None)] == [

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli.counterfactual import _fail  # one line on stderr, exit code 2
 
 app = typer.Typer(
     help="Blinded reader studies of explanations: create, serve, analyze.",
@@ -36,13 +37,6 @@ console = Console(soft_wrap=True)
 def study() -> None:
     """Blinded reader studies of explanations (Katzmann et al. 2021; Sayres et al. 2019):
     build the study file, serve it to readers, analyse the answers."""
-
-
-def _fail(err: Exception) -> typer.Exit:
-    Console(stderr=True).print(
-        f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
-    )
-    return typer.Exit(2)
 
 
 def _split(text: str | None) -> list[str]:

@@ -284,22 +284,8 @@ def mixed_model(df: pd.DataFrame, criterion: str, reference: str) -> dict[str, A
         "df": df_t,
         "converged": bool(fit.converged),
         "notes": notes,
-        "methods": {},
+        "methods": _treatment_effects(fit, n_readers),
     }
-    q = stats.t.ppf(0.975, df_t)
-    for key, coef in fit.fe_params.items():
-        if "[T." not in key:
-            continue
-        method = key.split("[T.", 1)[1].rstrip("]")
-        se = float(fit.bse[key])
-        t = float(coef) / se if se > 0 else math.nan
-        out["methods"][method] = {
-            "difference": float(coef),
-            "low": float(coef - q * se),
-            "high": float(coef + q * se),
-            "t": _json_safe(t),
-            "p": _json_safe(float(2 * stats.t.sf(abs(t), df_t)) if math.isfinite(t) else None),
-        }
     names = list(fit.model.exog_vc.names) if hasattr(fit.model, "exog_vc") else ["reader", "case"]
     out["variance"] = {
         **{n: float(v) for n, v in zip(names, np.atleast_1d(fit.vcomp))},
@@ -904,7 +890,7 @@ def _analyze_reader_performance(
                 fit = smf.mixedlm(
                     f"{col} ~ {formula_arm}", sub, groups="group", re_formula="0", vc_formula=vc
                 ).fit(reml=True, method=["lbfgs", "powell"])
-                models[col] = _arm_effects(fit, len(readers))
+                models[col] = _treatment_effects(fit, len(readers))
             except (np.linalg.LinAlgError, ValueError) as err:
                 models[col] = {"error": f"{type(err).__name__}: {err}"}
     with _quiet():
@@ -952,8 +938,11 @@ def _analyze_reader_performance(
     )
 
 
-def _arm_effects(fit: Any, n_readers: int) -> dict[str, Any]:
+def _treatment_effects(fit: Any, n_readers: int) -> dict[str, dict[str, Any]]:
+    """Each treatment-coded level's difference from the reference in a statsmodels fit,
+    with its 95% CI and p-value, the Wald statistic referred to ``t(N_readers - 1)``."""
     df_t = max(n_readers - 1, 1)
+    q = stats.t.ppf(0.975, df_t)
     out = {}
     for key, coef in fit.fe_params.items():
         if "[T." not in key:
@@ -962,6 +951,8 @@ def _arm_effects(fit: Any, n_readers: int) -> dict[str, Any]:
         t = float(coef) / se if se > 0 else math.nan
         out[key.split("[T.", 1)[1].rstrip("]")] = {
             "difference": float(coef),
+            "low": float(coef - q * se),
+            "high": float(coef + q * se),
             "t": _json_safe(t),
             "p": _json_safe(float(2 * stats.t.sf(abs(t), df_t)) if math.isfinite(t) else None),
         }
