@@ -337,24 +337,22 @@ class Study:
         now = time.time()
         con = self.con
         with transaction(con):
-            con.execute(
+            revision = con.execute(
                 """
                 INSERT INTO answers (item_id, reader_id, value, time_ms, updated_at, revision)
                 VALUES (?, ?, ?, ?, ?, 1)
                 ON CONFLICT (item_id) DO UPDATE SET
                     value = excluded.value, time_ms = excluded.time_ms,
                     updated_at = excluded.updated_at, revision = answers.revision + 1
+                RETURNING revision
                 """,
                 (item_id, reader_id, value, time_ms, now),
-            )
+            ).fetchone()[0]
             con.execute(
                 "INSERT INTO answer_log (item_id, reader_id, value, time_ms, at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (item_id, reader_id, value, time_ms, now),
             )
-            revision = con.execute(
-                "SELECT revision FROM answers WHERE item_id = ?", (item_id,)
-            ).fetchone()[0]
             answered = con.execute(
                 "SELECT COUNT(*) FROM answers WHERE reader_id = ?", (reader_id,)
             ).fetchone()[0]
