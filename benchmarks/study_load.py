@@ -8,16 +8,18 @@ between answers; a reader who reaches the end starts over (answers are overwritt
 the time is up, every reader's last acknowledged value per item is compared with the admin
 export: an answer the server acknowledged but does not hold is *lost*.
 
-Two phases: ``paced`` (think time uniform in [0.2, 0.8] s, still several times faster than a
-person) is the target case (p95 < 100 ms); ``stress`` (no think time) shows the ceiling.
+Phases: ``paced`` (think time uniform in [0.2, 0.8] s, still several times faster than a
+person) is the target case (p95 < 100 ms); ``stress`` (no think time) shows the ceiling;
+``paced_sync_full`` repeats ``paced`` with ``serve --sync full`` (a disk flush per answer).
+Each phase starts a fresh server on the same study file.
 Client and server share the machine's cores; the client runs at nice 10 so that it yields
 the CPU to the server (in real use the readers' browsers run elsewhere). Each answer's
 latency is reported as the client saw it and as the server's own time (its
 ``Server-Timing`` header: the application's time, thread-pool queueing included); the load
 average before and during the run is recorded.
 
-    python benchmarks/study_load.py                  # 50 readers, 60 s paced + 20 s stress
-    python benchmarks/study_load.py --readers 8 --seconds 10 --stress-seconds 0
+    python benchmarks/study_load.py      # 50 readers: 60 s paced, 20 s stress, 30 s sync full
+    python benchmarks/study_load.py --readers 8 --seconds 10 --stress-seconds 0 --full-seconds 0
 
 Writes ``benchmarks/results/study_load.json``.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +180,10 @@ async def run_phase(base: str, tokens: list[str], seconds: float, think: tuple[f
     return log, acked, wall, load_before, load_average()
 
 
+def phase_in_child(base: str, tokens: list[str], seconds: float, think: tuple[float, float]):
+    return asyncio.run(run_phase(base, tokens, seconds, think))
+
+
 def check_lost(base: str, admin_key: str, acked: dict[str, dict[str, int]]) -> dict:
     import httpx
 
@@ -193,6 +201,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--stress-seconds", type=float, default=20.0)
+    parser.add_argument("--full-seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -203,34 +212,36 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "trustmap.cli.main", "study", "serve", str(root / "study")]
-        server = subprocess.Popen(
-            [*cmd, "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        try:
-            match = re.search(r"on (http://\S+)", server.stdout.readline())
-            # The readers' machines are elsewhere in real use: here the load generator
-            # shares the cores with the server, so it yields the CPU to it.
-            os.nice(10)
-            if not match:
-                raise SystemExit(f"the server did not start: {server.stdout.read()}")
-            base = match.group(1)
-            phases = {}
-            for name, seconds, think in (
-                ("paced", args.seconds, (0.2, 0.8)),
-                ("stress", args.stress_seconds, (0.0, 0.0)),
-            ):
-                if seconds <= 0:
-                    continue
-                log, acked, wall, before, during = asyncio.run(
-                    run_phase(base, made.tokens, seconds, think)
-                )
+        pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        plan = [
+            ("paced", "normal", args.seconds, (0.2, 0.8)),
+            ("stress", "normal", args.stress_seconds, (0.0, 0.0)),
+            ("paced_sync_full", "full", args.full_seconds, (0.2, 0.8)),
+        ]
+        phases = {}
+        for name, sync, seconds, think in plan:
+            if seconds <= 0:
+                continue
+            server = subprocess.Popen([*cmd, "--port", "0", "--sync", sync], env=env, **pipe)
+            try:
+                match = re.search(r"on (http://\S+)", server.stdout.readline())
+                if not match:
+                    raise SystemExit(f"the server did not start: {server.stdout.read()}")
+                base = match.group(1)
+                # The readers' machines are elsewhere in real use: here the load generator
+                # shares the cores with the server, so it runs in a child at nice 10.
+                with ProcessPoolExecutor(
+                    1,
+                    mp_context=multiprocessing.get_context("fork"),
+                    initializer=os.nice,
+                    initargs=(10,),
+                ) as pool:
+                    job = pool.submit(phase_in_child, base, made.tokens, seconds, think)
+                    log, acked, wall, before, during = job.result()
                 answers = log.get("answer", [])
                 phases[name] = {
                     "readers": args.readers,
+                    "sync": sync,
                     "seconds": round(wall, 1),
                     "think_time_s": list(think),
                     "answers": percentiles(answers),
@@ -245,20 +256,20 @@ def main() -> None:
                     "load_average_before": before,
                     "load_average_after": during,
                 }
-                p = phases[name]
-                print(
-                    f"{name}: {args.readers} readers, {p['seconds']} s, "
-                    f"{p['answers']['n']} answers ({p['answers_per_s']}/s): "
-                    f"p50 {p['answers']['p50_ms']} ms (server "
-                    f"{p['answers_server_time']['p50_ms']} ms), p95 "
-                    f"{p['answers']['p95_ms']} ms, p99 {p['answers']['p99_ms']} ms; images p95 "
-                    f"{p['images']['p95_ms']} ms; errors {p['errors']}; lost {p['lost']} of "
-                    f"{p['acknowledged_items']}; load {before} -> {during}"
-                )
-        finally:
-            server.terminate()
-            server.wait(30)
-            server.stdout.close()
+            finally:
+                server.terminate()
+                server.wait(30)
+                server.stdout.close()
+            p = phases[name]
+            print(
+                f"{name} (sync {sync}): {args.readers} readers, {p['seconds']} s, "
+                f"{p['answers']['n']} answers ({p['answers_per_s']}/s): "
+                f"p50 {p['answers']['p50_ms']} ms (server "
+                f"{p['answers_server_time']['p50_ms']} ms), p95 "
+                f"{p['answers']['p95_ms']} ms, p99 {p['answers']['p99_ms']} ms; images p95 "
+                f"{p['images']['p95_ms']} ms; errors {p['errors']}; lost {p['lost']} of "
+                f"{p['acknowledged_items']}; load {before} -> {during}"
+            )
     doc = {
         "benchmark": "study_load",
         "what": "N simultaneous readers answering a rating study on loopback (one uvicorn "

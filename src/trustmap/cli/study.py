@@ -127,6 +127,13 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="port (0: any free port)")] = 8000,
+    sync: Annotated[
+        str,
+        typer.Option(
+            help="normal: an answer survives a crashed server; full: also a power cut "
+            "(one disk flush per answer, slower)"
+        ),
+    ] = "normal",
 ) -> None:
     """Serve the study to its readers until Ctrl-C."""
     from trustmap.study.server import serve as run_server
@@ -141,7 +148,7 @@ def serve(
         console.file.flush()  # a supervising process reads the URL from a pipe
 
     try:
-        run_server(study_dir, host, port, on_ready=ready)
+        run_server(study_dir, host, port, on_ready=ready, sync=sync)
     except USER_ERRORS as err:
         raise _fail(err) from None
 

@@ -363,16 +363,18 @@ def serve(
     *,
     on_ready: Callable[[str], None] | None = None,
     log_level: str = "warning",
+    sync: str = "normal",
 ) -> None:
     """Serve the study until interrupted; ``on_ready(base_url)`` once listening.
 
-    Binds to loopback by default. Raises ValueError (one line) for a port in use and the
+    Binds to loopback by default. ``sync="full"`` flushes every answer to disk (see
+    :mod:`trustmap.study.store`). Raises ValueError (one line) for a port in use and the
     errors of :meth:`Study.open` for a bad study file.
     """
     _require_web()
     import uvicorn
 
-    study = Study.open(path)
+    study = Study.open(path, sync=sync)
     app = create_app(study)
     sock = bind_socket(host, port)
     bound = sock.getsockname()

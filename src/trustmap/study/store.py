@@ -15,8 +15,13 @@ A study directory holds ``study.sqlite`` and ``ADMIN_KEY``. The database keeps
 The blinding key (which method drew which image) is one JSON object encrypted with a
 key derived from the admin key (scrypt, then Fernet: AES-128-CBC with HMAC-SHA256), so the
 file can be copied to the server without revealing it; only ``analyze`` and the admin
-export decrypt it. Answers are written in one transaction each with ``synchronous=FULL``,
-so an answer the server acknowledged survives a killed server and a power cut.
+export decrypt it. Every answer is one transaction. In WAL mode with SQLite's default
+``synchronous=NORMAL`` an acknowledged answer survives a killed or crashed server (it is
+in the WAL before the server replies); ``sync="full"`` also syncs the WAL to disk at every
+answer, so it survives a power cut too, at the price of one disk flush per answer (on a
+busy disk that multiplied the 95th percentile latency by about 3.5 in
+``benchmarks/study_load.py``). After a power cut in ``normal`` mode the last answers
+before it may be missing; the reader's page then asks them again.
 """
 
 from __future__ import annotations
@@ -122,14 +127,18 @@ def study_path(path: str | os.PathLike[str]) -> Path:
     return p / STUDY_FILE if p.is_dir() else p
 
 
-def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, full sync."""
+SYNC_MODES = ("normal", "full")
+
+
+def connect(path: str | os.PathLike[str], sync: str = "normal") -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with ``synchronous``
+    set to ``sync`` (see the module docstring)."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
     con = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
     con.execute("PRAGMA busy_timeout = 30000")
     con.execute("PRAGMA foreign_keys = ON")
-    # FULL: the WAL is synced at every commit, so an acknowledged answer survives a power
-    # cut as well as a killed process (NORMAL survives only the latter).
-    con.execute("PRAGMA synchronous = FULL")
+    con.execute(f"PRAGMA synchronous = {sync.upper()}")
     return con
 
 
@@ -211,9 +220,10 @@ class Study:
     path: Path
     meta: dict[str, Any]
     _local: threading.local
+    sync: str = "normal"
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Study:
+    def open(cls, path: str | os.PathLike[str], *, sync: str = "normal") -> Study:
         """Open and check a study file (or directory).
 
         Raises
@@ -249,7 +259,8 @@ class Study:
                 f"{file} was written by a newer trustmap (study format version {version}; this "
                 f"trustmap reads up to {STUDY_VERSION}): upgrade trustmap to open it"
             )
-        return cls(file, meta, threading.local())
+        connect(file, sync).close()  # checks ``sync``
+        return cls(file, meta, threading.local(), sync)
 
     # -- connections -------------------------------------------------------------------
 
@@ -259,7 +270,7 @@ class Study:
         while in use)."""
         con = getattr(self._local, "con", None)
         if con is None:
-            con = connect(self.path)
+            con = connect(self.path, self.sync)
             self._local.con = con
         return con
 
