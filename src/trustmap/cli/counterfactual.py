@@ -1,5 +1,5 @@
 """``trustmap counterfactual``: train, evaluate and demo cycle-consistent activation
-maximization (paper 002).
+maximization (Katzmann et al. 2021).
 
 The lead wires :data:`app` into the main command line as ``trustmap counterfactual``::
 
@@ -22,7 +22,8 @@ from rich.markup import escape
 from trustmap.cli._common import progress_bars, set_threads
 
 app = typer.Typer(
-    help="Counterfactual explanations by cycle-consistent activation maximization (paper 002).",
+    help="Counterfactual explanations by cycle-consistent activation maximization "
+    "(Katzmann et al. 2021).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -32,7 +33,8 @@ console = Console(soft_wrap=True)
 
 @app.callback()
 def counterfactual() -> None:
-    """Counterfactual explanations by cycle-consistent activation maximization (paper 002):
+    """Counterfactual explanations by cycle-consistent activation maximization
+    (Katzmann et al. 2021):
     train the generators G+ and G-, evaluate them, or run the default end to end."""
 
 
@@ -197,7 +199,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
-    """Paper 002's section 4.1: the classifier's mean probability on x, G-(x) and G+(x)
+    """Katzmann et al.'s (2021) section 4.1: the classifier's mean probability on x, G-(x) and G+(x)
     with 95 % CIs, paired two-tailed t-tests with Cohen's d_z, SSIM and L1 to x; writes
     counterfactual.json and a self-contained report.html."""
     from trustmap.counterfactual.evaluate import evaluate_counterfactual

@@ -67,7 +67,7 @@ def train(
 ) -> None:
     """Train a model on a dataset (seeded, early stopping, class-weighted loss, augmentation
     that keeps masks aligned) and write model.pt, model_card.json/.md and
-    learning_curves.png; run the checks of paper 000's appendix. Re-running the same
+    learning_curves.png; run the checks of Huff et al.'s (2021) appendix. Re-running the same
     command resumes an interrupted run."""
     try:
         _train(

@@ -1,4 +1,4 @@
-"""``trustmap trust``: paper 004's trust protocol for a set of explainers, with verdicts.
+"""``trustmap trust``: Arun et al.'s (2021) trust protocol for a set of explainers, with verdicts.
 
 The command is a plain function; the main app registers it with ``app.command()(trust)``.
 """
@@ -45,17 +45,23 @@ def trust(
     ] = False,
     full: Annotated[
         bool,
-        typer.Option("--full", help="the full preset, closer to paper 004 (meant for a GPU)"),
+        typer.Option(
+            "--full", help="the full preset, closer to Arun et al. 2021 (meant for a GPU)"
+        ),
     ] = False,
     method: Annotated[
         list[str] | None,
-        typer.Option("--method", "-m", help="a registered method (repeat; default: paper 004's 8)"),
+        typer.Option(
+            "--method",
+            "-m",
+            help="a registered method (repeat; default: the 8 of Arun et al. 2021)",
+        ),
     ] = None,
     n_images: Annotated[int | None, typer.Option(help="positive test images to evaluate")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
-    """Run paper 004's trust protocol: localization utility, sensitivity to weight
+    """Run Arun et al.'s (2021) trust protocol: localization utility, sensitivity to weight
     randomization, repeatability and reproducibility, each tested against its baselines,
     with a pass / did not pass / uncertain verdict per method. Writes results.json,
     per_image.csv, figures and a self-contained report.html into OUT."""
@@ -161,7 +167,7 @@ def _stage_left(clock: Any, estimate: Any, key: str) -> float | None:
 
 
 def _print_summary(results: dict[str, Any]) -> None:
-    table = Table(title="paper 004's four criteria")
+    table = Table(title="Arun et al.'s (2021) four criteria")
     table.add_column("method")
     for criterion in ("utility", "randomization", "repeatability", "reproducibility"):
         table.add_column(criterion)

@@ -1,4 +1,4 @@
-"""Counterfactual explanations by cycle-consistent activation maximization (paper 002).
+"""Counterfactual explanations by cycle-consistent activation maximization (Katzmann et al. 2021).
 
 Katzmann et al. 2021 train two generators on a classifier's own image domain: ``G+``
 makes the smallest realistic change that pushes the classifier towards the positive

@@ -1,14 +1,14 @@
 """The default counterfactual run, end to end: classifier, generators, evaluation, report.
 
 ``run_demo(DIR)`` (``trustmap counterfactual demo --out DIR``) on the ``ct-nodule``
-phantom (benign vs spiculated/lobulated malignant nodules, paper 002's task):
+phantom (benign vs spiculated/lobulated malignant nodules, Katzmann et al.'s (2021) task):
 
 1. ``DIR/classifier``: ``small_cnn`` trained with the calibration settings
    (:func:`trustmap.models.calibrate.calibration_config`);
 2. ``DIR/generators``: ``G+`` and ``G-`` trained with the CPU default
    :class:`~trustmap.counterfactual.training.CycleConfig`;
-3. ``DIR/evaluation``: paper 002's section 4.1 on the test split, ``counterfactual.json``
-   and ``report.html``.
+3. ``DIR/evaluation``: Katzmann et al.'s (2021) section 4.1 on the test split,
+   ``counterfactual.json`` and ``report.html``.
 
 A finished classifier or generator run found in ``DIR`` is reused and an interrupted one
 resumed; the evaluation (a few seconds) is recomputed.
@@ -18,7 +18,7 @@ Measured on two shared CPU cores (load average 3-4, ``OMP_WAIT_POLICY=PASSIVE``,
 generators' 300 steps in 633 s; on the 250 test images the mean malignancy probability
 went from 0.436 [0.393, 0.479] on ``x`` to 0.998 on ``G+(x)`` (paired t(249) = 26.0,
 p = 8e-73) and 0.007 on ``G-(x)`` (t(249) = -20.1, p = 5e-54), with SSIM 0.971 and 0.940
-to ``x`` (paper 002 on LIDC: 0.470 -> 0.820 and 0.289).
+to ``x`` (Katzmann et al. 2021 on LIDC: 0.470 -> 0.820 and 0.289).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def run_demo(
     )
     seconds["generators"] = 0.0 if training.reused else time.perf_counter() - started
 
-    say(f"3/3 evaluation (paper 002, section 4.1) -> {out / 'evaluation'}")
+    say(f"3/3 evaluation (Katzmann et al. 2021, section 4.1) -> {out / 'evaluation'}")
     started = time.perf_counter()
     evaluation = evaluate_counterfactual(
         clf.checkpoint,

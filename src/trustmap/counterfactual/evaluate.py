@@ -1,4 +1,4 @@
-"""The quantitative evaluation of paper 002, section 4.1, with JSON and HTML output.
+"""The quantitative evaluation of Katzmann et al. 2021, section 4.1, with JSON and HTML output.
 
 For every image ``x`` of a split (the test split by default) the classifier's positive
 probability on ``x``, ``G-(x)`` and ``G+(x)``. The paper reports their means with 95 %
@@ -181,7 +181,7 @@ def evaluate_counterfactual(
     batch_size: int = 64,
     device: str = "cpu",
 ) -> CounterfactualEvaluation:
-    """Evaluate trained generators as in paper 002, section 4.1.
+    """Evaluate trained generators as in Katzmann et al. 2021, section 4.1.
 
     Parameters
     ----------
@@ -484,7 +484,7 @@ img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
 .note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>Counterfactual explanations: cycle-consistent activation maximization</h1>
-<p class="note">Katzmann et al. 2021 (paper 002), section 4.1.
+<p class="note">Katzmann et al. 2021, section 4.1.
 Dataset <b>{html.escape(dataset)}</b>, {html.escape(ev.split)} split, n = {ev.n}.
 G+ pushes the classifier towards <b>{pos}</b>, G- away from it;
 R = G+(x) - G-(x), red where G+ adds intensity relative to G-, blue where G- does.</p>

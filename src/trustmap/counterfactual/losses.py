@@ -1,4 +1,4 @@
-"""The loss terms of cycle-consistent activation maximization (paper 002, section 2).
+"""The loss terms of cycle-consistent activation maximization (Katzmann et al. 2021, section 2).
 
 Every function is differentiable, works on ``(B, C, H, W)`` and ``(B, C, D, H, W)`` in
 float32 and float64, and returns a scalar (the batch mean) unless it says otherwise.
@@ -113,7 +113,7 @@ def ssim(
 
     ``SSIM = mean over windows of (2 mu_x mu_y + c1)(2 s_xy + c2) /
     ((mu_x^2 + mu_y^2 + c1)(s_x^2 + s_y^2 + c2))`` with ``c1 = (k1 L)^2``,
-    ``c2 = (k2 L)^2``, ``L = data_range``, averaged over channels. Paper 002's
+    ``c2 = (k2 L)^2``, ``L = data_range``, averaged over channels. Katzmann et al.'s (2021)
     "``c1 = .01`` and ``c2 = .03``" are read as these ``k1``, ``k2``: taken literally they
     would swamp the local variances of images in [0, 1] and make SSIM blind to texture.
     Only windows wholly inside the image count (no padding), as in scikit-image.
@@ -176,7 +176,7 @@ def dssim(
 ) -> torch.Tensor:
     """Structural dissimilarity ``(1 - SSIM) / 2`` (0 for identical images).
 
-    Paper 002's equation 1 prints ``1 - SSIM / 2`` (a 2 in the denominator), which is
+    Katzmann et al.'s (2021) equation 1 prints ``1 - SSIM / 2`` (a 2 in the denominator), which is
     0.5 for identical images; it differs from this one by the constant 1/2 only, so the
     gradients are the same. ``multiscale`` uses :func:`ms_ssim` (the paper's MS-DSSIM
     for the cycle loss).
@@ -244,7 +244,7 @@ def activation_maximization_loss(logits: torch.Tensor, target_class: int) -> tor
     """Cross-entropy between ``target_class`` and the classifier's output on the
     *generated* image.
 
-    Equation 4 of paper 002 writes ``L_AM(l, C(x_a))``, the classifier on the *input*,
+    Equation 4 of Katzmann et al. 2021 writes ``L_AM(l, C(x_a))``, the classifier on the *input*,
     which does not depend on the generator and so could not train it; the text (sections
     2.1 and 2.4: each generator "maximize[s] one of the classifier's output activations")
     means ``C(G+(x_a))`` for ``G+`` and ``C(G-(x_a))`` for ``G-``. This function is given

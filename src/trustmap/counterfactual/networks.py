@@ -1,6 +1,6 @@
 """Generators and pair discriminators of cycle-consistent activation maximization.
 
-Katzmann et al. 2021 (paper 002), sections 2.3 and 3.2:
+Katzmann et al. 2021, sections 2.3 and 3.2:
 
 * **Generators** ``G+`` and ``G-`` are U-Nets of depth 3 (four stages, three
   down-samplings) with three convolutions per stage and ``w, 2w, 4w, 8w`` kernels at
@@ -127,7 +127,7 @@ def _encoder(
 
 
 class UNetGenerator(nn.Module):
-    """The U-Net generator of paper 002 (section 3.2, Fig. 4), 2D or 3D.
+    """The U-Net generator of Katzmann et al. 2021 (section 3.2, Fig. 4), 2D or 3D.
 
     Stages ``0..depth`` with ``width * 2**s`` kernels and ``convs_per_stage`` convolutions
     each; stages after the first start with a stride-2 convolution. The decoder
@@ -208,7 +208,7 @@ class UNetGenerator(nn.Module):
 
 
 class PairDiscriminator(nn.Module):
-    """Multiscale PatchGAN pair discriminator of paper 002 (section 2.3, Fig. 5).
+    """Multiscale PatchGAN pair discriminator of Katzmann et al. 2021 (section 2.3, Fig. 5).
 
     The generator's encoder (stages ``0..max(scales)``) extracts features of both images
     of a pair with shared weights. At every position of the stages named in ``scales``

@@ -1,4 +1,5 @@
-"""Train the generators of cycle-consistent activation maximization (paper 002, section 2.5).
+"""Train the generators of cycle-consistent activation maximization (Katzmann et al. 2021,
+section 2.5).
 
 >>> result = train_counterfactual("runs/clf/model.pt", "ct-nodule", out="runs/cf")  # doctest: +SKIP
 >>> result.generators.plus  # G+: pushes the classifier towards the positive class  # doctest: +SKIP
@@ -107,7 +108,7 @@ _IDENTITY_FIELDS = (
 class CycleConfig:
     """How to train the generators.
 
-    The loss weights default to paper 002's equation 4 (all terms weighted 1). The
+    The loss weights default to Katzmann et al.'s (2021) equation 4 (all terms weighted 1). The
     network width and the number of steps are a CPU default: the paper used
     ``width=48`` (48/96/192/384 kernels) and does not report its steps, batch size or
     learning rate.
@@ -723,7 +724,7 @@ def train_counterfactual(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CycleResult:
-    """Train ``G+`` and ``G-`` to explain a binary ``classifier`` (paper 002).
+    """Train ``G+`` and ``G-`` to explain a binary ``classifier`` (Katzmann et al. 2021).
 
     Parameters
     ----------

@@ -1,6 +1,7 @@
-"""Binary classification metrics with bootstrap confidence intervals (paper 002, Table 1).
+"""Binary classification metrics with bootstrap confidence intervals (Katzmann et al.
+2021, Table 1).
 
-Schutte et al. 2020 (paper 002, section 3.3) check that a classifier is fit for its task
+Schutte et al. 2020 (Katzmann et al. 2021, section 3.3) check that a classifier is fit for its task
 before explaining it: accuracy, F1, sensitivity, specificity, PPV, NPV, informedness,
 markedness, MCC and ROC AUC on the test set, each with a 95 % confidence interval.
 
@@ -74,7 +75,8 @@ class MetricCI:
         return {"value": self.value, "low": self.low, "high": self.high, "reason": self.reason}
 
     def format(self, digits: int = 3) -> str:
-        """``".809 [.757, .860]"`` style, as in paper 002's Table 1; ``"n/a"`` if undefined."""
+        """``".809 [.757, .860]"`` style, as in Katzmann et al.'s (2021) Table 1; ``"n/a"``
+        if undefined."""
         if self.value is None:
             return "n/a"
         text = f"{self.value:.{digits}f}"
@@ -304,7 +306,7 @@ def classification_report(
     seed: int | None = 0,
     alpha: float = 0.05,
 ) -> ClassificationReport:
-    """Paper 002's Table 1 metrics with stratified percentile-bootstrap intervals.
+    """Katzmann et al.'s (2021) Table 1 metrics with stratified percentile-bootstrap intervals.
 
     A case is predicted positive when ``y_score >= threshold``. With ``TP, FP, TN, FN`` its
     confusion counts: accuracy ``(TP+TN)/n``, F1 ``2TP/(2TP+FP+FN)``, sensitivity

@@ -1,6 +1,6 @@
 """Faithfulness of an explanation to the model: does the model react where the map points?
 
-Beyond paper 004's four criteria, the trust protocol reports four checks that perturb the
+Beyond Arun et al.'s (2021) four criteria, the trust protocol reports four checks that perturb the
 input and watch the model's score:
 
 * **Deletion** and **insertion** curves (Petsiuk, Das & Saenko 2018, "RISE: Randomized
@@ -9,10 +9,10 @@ input and watch the model's score:
   the target class; a faithful map makes it fall fast on deletion (low AUC) and rise fast
   on insertion (high AUC).
 * **Sensitivity-n** (Ancona et al. 2018, "Towards better understanding of gradient-based
-  attribution methods for deep neural networks", ICLR; reviewed in paper 001, section on
+  attribution methods for deep neural networks", ICLR; reviewed in Singh et al. 2020, section on
   completeness): Pearson's correlation, over random subsets ``S`` of ``n`` pixels, between
   ``sum_{i in S} R_i`` and ``f(x) - f(x with S set to the baseline)``.
-* The **completeness gap** (paper 001; Sundararajan et al. 2017):
+* The **completeness gap** (Singh et al. 2020; Sundararajan et al. 2017):
   ``|sum_i R_i - (f(x) - f(x'))| / |f(x) - f(x')|``, zero for methods that satisfy
   completeness (integrated gradients with exact integration, DeepLIFT-rescale on ReLU
   networks).

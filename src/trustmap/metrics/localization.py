@@ -1,6 +1,7 @@
-"""Localization utility of a saliency map against a ground-truth mask (paper 004, criterion 1).
+"""Localization utility of a saliency map against a ground-truth mask (Arun et al. 2021,
+criterion 1).
 
-Arun et al. 2021 (paper 004, "Assessing the trustworthiness of saliency maps for
+Arun et al. 2021 ("Assessing the trustworthiness of saliency maps for
 localizing abnormalities in medical imaging") score each positive image by the area under
 the precision-recall curve (AUPRC) of the post-processed map over all pixels, with the
 lesion mask as the positive class, and also report the AUROC. Their reference code
@@ -60,12 +61,12 @@ def auprc(saliency_map: Any, mask: Any, *, kind: str = "trapezoid") -> float:
     Thresholds run over the distinct map values, from the highest down; tied values enter
     together.
 
-    ``kind="trapezoid"`` (default, as in paper 004's reference code):
+    ``kind="trapezoid"`` (default, as in Arun et al.'s (2021) reference code):
     ``sum_k (R_k - R_{k-1}) (P_k + P_{k-1}) / 2`` with the curve starting at
     ``(R, P) = (0, 1)``; equal to ``sklearn.metrics.auc(recall, precision)`` over
     ``sklearn.metrics.precision_recall_curve``. A constant map gives ``(1 + p) / 2`` where
     ``p`` is the fraction of positive pixels: the trapezoid joins ``(0, 1)`` to ``(1, p)``
-    (Boyd et al. 2013, paper 004's ref. 23, discuss this optimism of the interpolation).
+    (Boyd et al. 2013, Arun et al.'s (2021) ref. 23, discuss this optimism of the interpolation).
 
     ``kind="average_precision"``: the step-wise ``sum_k (R_k - R_{k-1}) P_k``, equal to
     ``sklearn.metrics.average_precision_score``; a constant map gives ``p``.

@@ -1,6 +1,6 @@
-"""Structural similarity (SSIM) between two post-processed saliency maps (paper 004).
+"""Structural similarity (SSIM) between two post-processed saliency maps (Arun et al. 2021).
 
-Arun et al. 2021 (paper 004) compare maps by SSIM for the randomization, repeatability
+Arun et al. 2021 compare maps by SSIM for the randomization, repeatability
 and reproducibility criteria, using scikit-image's ``structural_similarity`` with its
 defaults on maps scaled to [0, 1]: a 7 x 7 uniform window (7 x 7 x 7 for volumes), sample
 covariances (``N / (N - 1)``), ``K1 = 0.01``, ``K2 = 0.03`` and ``data_range = 1``, averaged

@@ -25,7 +25,7 @@ __all__ = ["SmallCNN", "create", "list_architectures"]
 
 
 class SmallCNN(nn.Module):
-    """The ConvNet of Schutte et al. 2020 (paper 002, section 3.2), 2D or 3D.
+    """The ConvNet of Schutte et al. 2020 (Katzmann et al. 2021, section 3.2), 2D or 3D.
 
     Four blocks ``Conv(k=3, padding=1) -> BatchNorm -> ReLU`` with ``w, 2w, 4w, 8w``
     kernels (``w = width``, 32/64/128/256 by default), stride 1 in the first block and 2
@@ -168,7 +168,7 @@ def create(
     Parameters
     ----------
     name : str
-        One of :func:`list_architectures`: ``small_cnn`` (paper 002's ConvNet; kwarg
+        One of :func:`list_architectures`: ``small_cnn`` (Katzmann et al.'s (2021) ConvNet; kwarg
         ``width``), ``resnet18`` and ``densenet121`` (MONAI; kwargs go to the MONAI
         constructor), ``unet`` (:class:`~trustmap.models.localizers.SegmentationLocalizer`)
         and ``box_localizer`` (:class:`~trustmap.models.localizers.BoxLocalizer`, 2D only).

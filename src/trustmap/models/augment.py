@@ -1,6 +1,6 @@
 """Training augmentation that moves images, masks and boxes with one and the same transform.
 
-Paper 000 (Appendix 1, "Ensuring data correctness") warns that augmentation applied to an
+Huff et al. 2021 (Appendix 1, "Ensuring data correctness") warns that augmentation applied to an
 image but not, or differently, to its segmentation mask silently breaks their spatial
 correspondence. Here every spatial change is a single affine map per sample, applied to
 the image (bilinear), to the mask (nearest neighbour) and to the box corners, so the three

@@ -5,7 +5,7 @@ only writes it (atomically) and renders it. Its main keys: ``kind`` (classifier 
 localizer), ``arch``, ``params``, ``seed``, ``dataset`` (name, path, counts per split and
 class), ``epochs_run``, ``best_epoch``, ``wall_time_s``, ``threshold``, ``test`` (metrics
 with 95 % bootstrap intervals), ``confusion``, ``history`` (one row per epoch),
-``findings`` (the checks of paper 000's appendix) and ``versions``.
+``findings`` (the checks of Huff et al.'s (2021) appendix) and ``versions``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             f"| true negative | {tn} | {fp} |",
             f"| true positive | {fn} | {tp} |",
         ]
-    lines += ["", "## Checks (paper 000, Appendix 1)", ""]
+    lines += ["", "## Checks (Huff et al. 2021, Appendix 1)", ""]
     findings = card.get("findings", [])
     if not findings:
         lines.append(

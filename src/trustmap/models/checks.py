@@ -1,4 +1,4 @@
-"""The training checks of paper 000's Appendix 1 ("Ensuring proper model training").
+"""The training checks of Huff et al.'s (2021) Appendix 1 ("Ensuring proper model training").
 
 Explaining an improperly trained model is misleading, so training runs these checks and
 writes every finding into the model card and onto the console:
@@ -78,7 +78,7 @@ def check_learning_curves(
     best_epoch: int | None = None,
     rel_tol: float = 0.02,
 ) -> list[Finding]:
-    """Read the learning curves the way paper 000 (Appendix 1, "Model training") advises.
+    """Read the learning curves the way Huff et al. 2021 (Appendix 1, "Model training") advises.
 
     Parameters
     ----------
@@ -115,7 +115,7 @@ def check_learning_curves(
                 "error",
                 f"the training loss became non-finite at epoch {bad}: the gradients exploded. "
                 "Restart with a lower learning rate or with gradient clipping "
-                "(paper 000, Appendix 1).",
+                "(Huff et al. 2021, Appendix 1).",
                 {"epoch": bad},
             )
         )
@@ -127,7 +127,7 @@ def check_learning_curves(
                 "warning",
                 f"the training loss rose steeply, from its minimum {min(train):.4g} to "
                 f"{train[-1]:.4g}: a sign of exploding gradients. Restart with a lower "
-                "learning rate or with gradient clipping (paper 000, Appendix 1).",
+                "learning rate or with gradient clipping (Huff et al. 2021, Appendix 1).",
                 {"min_train_loss": min(train), "last_train_loss": train[-1]},
             )
         )
@@ -138,7 +138,7 @@ def check_learning_curves(
                 "warning",
                 f"the training loss barely decreased in {len(train)} epochs ({train[0]:.4g} -> "
                 f"{train[-1]:.4g}). Raise the learning rate, train longer, or check the "
-                "labels (paper 000, Appendix 1).",
+                "labels (Huff et al. 2021, Appendix 1).",
                 {"first_train_loss": train[0], "last_train_loss": train[-1]},
             )
         )
@@ -163,7 +163,7 @@ def check_learning_curves(
                     f"the validation loss rose from {tail_val[0]:.4g} to {tail_val[-1]:.4g} over "
                     f"epochs {first}-{epochs[-1]} while the training loss fell from "
                     f"{tail_train[0]:.4g} to {tail_train[-1]:.4g}: the model started to "
-                    f"overfit the training set (paper 000, Appendix 1). {tail}",
+                    f"overfit the training set (Huff et al. 2021, Appendix 1). {tail}",
                     {
                         "epochs": [first, epochs[-1]],
                         "val_loss": [tail_val[0], tail_val[-1]],
@@ -261,7 +261,7 @@ def check_dead_feature_maps(
             f"zero on the whole validation set ({images.shape[0]} images): {listing}. Dead "
             "channels carry no information and explanations that read these layers ignore "
             "them; a lower learning rate or another weight initialisation (He et al. 2015) "
-            "usually helps (paper 000, Appendix 1).",
+            "usually helps (Huff et al. 2021, Appendix 1).",
             {"layers": layers, "n_images": int(images.shape[0]), "n_layers": len(peaks)},
         )
     ]
@@ -324,7 +324,7 @@ def check_class_balance(
                     f"{ratio:.1f}:1). Accuracy is misleading when one class dominates: judge "
                     "the model by sensitivity, specificity, PPV and NPV, and balance the "
                     "classes (class-weighted loss, which trustmap uses, or more examples of "
-                    "the minority class) (paper 000, Appendix 1).",
+                    "the minority class) (Huff et al. 2021, Appendix 1).",
                     {"split": split, "counts": table, "ratio": ratio},
                 )
             )
@@ -388,7 +388,7 @@ def check_masks(
     foreground: Callable[[torch.Tensor], np.ndarray] | None = None,
     max_examples: int = 5,
 ) -> list[Finding]:
-    """Check that masks line up with their images (paper 000, Appendix 1).
+    """Check that masks line up with their images (Huff et al. 2021, Appendix 1).
 
     Parameters
     ----------
@@ -471,7 +471,7 @@ def check_masks(
                 "warning",
                 f"{len(empty)} positive images have an empty mask: {some(empty)}. The lesion is "
                 "missing from the ground truth, so localization scores cannot use these images; "
-                "check the annotations for completeness (paper 000, Appendix 1).",
+                "check the annotations for completeness (Huff et al. 2021, Appendix 1).",
                 {"count": len(empty), "examples": empty[:max_examples]},
             )
         )
@@ -484,7 +484,7 @@ def check_masks(
                 f"{len(outside)} of {checked} checked masks lie more than "
                 f"{outside_tolerance:.0%} outside the body in their image: {some(listed)}. The "
                 "mask and the image may be misaligned (a flip, a crop or a resize applied to "
-                "one only) (paper 000, Appendix 1).",
+                "one only) (Huff et al. 2021, Appendix 1).",
                 {
                     "count": len(outside),
                     "checked": checked,
@@ -587,7 +587,7 @@ def check_augmentation(
             f"the augmentation moved the mask differently from the image in {len(bad)} of {n} "
             "synthetic test images (a bright square marker and its mask): transformations "
             "applied as augmentation must also be applied to the ground-truth masks so that "
-            "their spatial correspondence is kept (paper 000, Appendix 1).",
+            "their spatial correspondence is kept (Huff et al. 2021, Appendix 1).",
             {"failures": bad, "n": n},
         )
     ]

@@ -1,6 +1,6 @@
-"""Localization networks: the "high baseline" of the trust protocol (paper 004).
+"""Localization networks: the "high baseline" of the trust protocol (Arun et al. 2021).
 
-Arun et al. 2021 (paper 004) compare saliency maps with networks trained to localize
+Arun et al. 2021 compare saliency maps with networks trained to localize
 directly: a U-Net for the pneumothorax masks and a RetinaNet for the pneumonia boxes. Here
 :class:`SegmentationLocalizer` wraps MONAI's U-Net and :class:`BoxLocalizer` is a small
 anchor-free detector in the style of CenterNet (Zhou et al. 2019, Objects as points), written
@@ -111,7 +111,7 @@ class SegmentationLocalizer(nn.Module):
         Image rank (2 or 3) and channels.
     channels, strides, num_res_units, kernel_size, norm, act, dropout
         Passed to :class:`monai.networks.nets.UNet`. ``norm`` defaults to batch norm (as
-        the U-Net of paper 004), not MONAI's instance norm, which normalises away the
+        the U-Net of Arun et al. 2021), not MONAI's instance norm, which normalises away the
         per-image contrast that makes a lesion stand out and trains markedly slower here.
     pos_weight : float or None
         Weight of lesion pixels in the BCE term (``None``: 1).
@@ -270,7 +270,7 @@ class BoxLocalizer(nn.Module):
     ``localization_map`` paints each decoded box (top-k, score >= ``map_threshold``, no
     NMS) with its score and takes the per-pixel maximum, so a pixel's value is the
     confidence of the best box covering it, and 0 outside every box. That is the map a
-    RetinaNet's boxes give when scored by AUPRC against the box mask (paper 004); a
+    RetinaNet's boxes give when scored by AUPRC against the box mask (Arun et al. 2021); a
     blurred centre heatmap would instead rank box centres above box edges, which the box
     ground truth does not do.
 

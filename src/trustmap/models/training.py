@@ -19,7 +19,7 @@ What a run does
 * After every epoch ``DIR/last.pt`` is written atomically (model, optimizer, epoch, RNG
   states, history, early-stopping state). Running the same call again resumes from it;
   a finished run returns at once, reusing ``DIR/model.pt``.
-* At the end: test metrics with 95 % bootstrap intervals, the checks of paper 000's
+* At the end: test metrics with 95 % bootstrap intervals, the checks of Huff et al.'s (2021)
   appendix (:mod:`trustmap.models.checks`), ``DIR/model.pt``
   (:func:`trustmap.models.save_checkpoint`), ``model_card.json``, ``model_card.md`` and
   ``learning_curves.png`` (:mod:`trustmap.models.card`).
@@ -149,7 +149,7 @@ class TrainConfig:
     channels_last
         Use the channels-last memory layout for 2D models (faster convolutions on CPU).
     checks
-        Run the checks of paper 000's appendix at the end.
+        Run the checks of Huff et al.'s (2021) appendix at the end.
     """
 
     epochs: int = 12
@@ -1112,7 +1112,7 @@ def _findings(
     history: list[dict[str, Any]],
     info: Mapping[str, Any],
 ) -> list[Finding]:
-    """The checks of paper 000's appendix after training (none when ``config.checks`` is
+    """The checks of Huff et al.'s (2021) appendix after training (none when ``config.checks`` is
     off): learning curves, dead feature maps on the validation set, the data itself."""
     if not config.checks:
         return []

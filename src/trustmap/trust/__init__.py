@@ -1,4 +1,4 @@
-"""The trust protocol of paper 004 (Arun et al., Radiology: AI 2021) and its pieces.
+"""The trust protocol of Arun et al. 2021 (Arun et al., Radiology: AI 2021) and its pieces.
 
 >>> from trustmap.trust import TrustConfig, run
 >>> result = run(TrustConfig.from_preset("quick", out="trust_quick"))  # doctest: +SKIP

@@ -1,4 +1,5 @@
-"""What ``trustmap trust`` runs: the dataset, models, methods and settings of paper 004's protocol.
+"""What ``trustmap trust`` runs: the dataset, models, methods and settings of the protocol
+of Arun et al. (2021).
 
 A :class:`TrustConfig` comes from a preset (``quick``, ``default``, ``full``), from a TOML or
 YAML file, or from a mapping. Everything is checked before any work starts: unknown keys,
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Paper 004, Table 1: the eight saliency methods it evaluated.
+# Arun et al. 2021, Table 1: the eight saliency methods it evaluated.
 PAPER_METHODS = (
     "gradient",
     "smoothgrad",
@@ -140,7 +141,7 @@ class TrustConfig:
 
         ``default`` fits 15 minutes on 2 CPU cores from scratch (data, five models, eight
         methods on 50 images); ``quick`` fits 3 minutes (smaller data, 12 images, fewer
-        samples); ``full`` follows paper 004 more closely (DenseNet121 and ResNet-18 at
+        samples); ``full`` follows Arun et al. 2021 more closely (DenseNet121 and ResNet-18 at
         128 x 128, every positive test image, the methods' paper settings) and is meant for
         a GPU (``device="cuda"``).
         """
@@ -351,7 +352,7 @@ def load_config(path: str | Path, **overrides: Any) -> TrustConfig:
 
 
 def _preset_dict(name: str) -> dict[str, Any]:
-    # The CPU defaults keep paper 004's protocol (eight methods, cascading and independent
+    # The CPU defaults keep Arun et al.'s (2021) protocol (eight methods, cascading and independent
     # randomization, 50 random pairs, SSIM with 7x7 windows) and shrink only the costs:
     # 64 x 64 maps, small models and fewer noise samples for SmoothGrad and Smooth IG.
     # Measured on cxr-pneumothorax at 64 x 64: small_cnn (width 16) with a one-cycle schedule

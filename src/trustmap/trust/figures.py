@@ -1,4 +1,4 @@
-"""Figures of the trust protocol, after paper 004 (Arun et al., Radiology: AI 2021,
+"""Figures of the trust protocol, after Arun et al. 2021 (Arun et al., Radiology: AI 2021,
 Figures 2, 3 and 4).
 
 Each function draws one figure from ``results.json`` (and ``per_image.csv`` for the box
@@ -62,13 +62,13 @@ __all__ = [
     "utility_boxplot",
 ]
 
-#: The four criteria of paper 004, in the order of its tables.
+#: The four criteria of Arun et al. 2021, in the order of its tables.
 CRITERIA = ("utility", "randomization", "repeatability", "reproducibility")
 #: Mark drawn above a method's box for each verdict.
 VERDICT_MARKS = {"pass": "\u2713", "fail": "\u2717", "uncertain": "?"}
 _VERDICT_COLOURS = {"pass": "#1a7f37", "fail": "#c62828", "uncertain": "#b26a00"}
 
-#: Low baseline (AVG mask, SSIM 0.5) and high baseline (localizer), as in paper 004.
+#: Low baseline (AVG mask, SSIM 0.5) and high baseline (localizer), as in Arun et al. 2021.
 LOW_COLOUR = "#9ecae1"
 HIGH_COLOUR = "#08519c"
 _MAP_ALPHA = 0.8

@@ -1,6 +1,6 @@
 """Turning raw attributions into the [0, 1] maps that the trust criteria compare.
 
-Paper 004's reference code (Arun et al. 2021) post-processed every saliency map the same
+Arun et al.'s (2021) reference code (Arun et al. 2021) post-processed every saliency map the same
 way before scoring it: absolute value, sum over the channels, clip at the 99th percentile
 of the map, then min-max scaling to [0, 1]. :func:`postprocess` does that by default;
 each step is configurable, and :class:`PostprocessConfig` holds the settings so that the
@@ -30,7 +30,7 @@ _NORMALIZE = ("minmax", None)
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Settings of :func:`postprocess` (defaults: paper 004's reference post-processing).
+    """Settings of :func:`postprocess` (defaults: Arun et al.'s (2021) reference post-processing).
 
     Attributes
     ----------
@@ -201,7 +201,7 @@ def _process(values: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     if cfg.clip_percentile is not None:
         q = cfg.clip_percentile
         high = np.percentile(maps, q, axis=1, keepdims=True)
-        # An absolute map is only clipped from above, as in paper 004's reference: its
+        # An absolute map is only clipped from above, as in Arun et al.'s (2021) reference: its
         # low end is the background and must stay at 0 after min-max.
         low = None if cfg.absolute else np.percentile(maps, 100.0 - q, axis=1, keepdims=True)
         maps = np.clip(maps, low, high)

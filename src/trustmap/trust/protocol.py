@@ -1,5 +1,5 @@
-"""Paper 004's trust protocol, end to end: data, models, maps, the four criteria, statistics,
-figures and the report.
+"""The trust protocol of Arun et al. (2021), end to end: data, models, maps, the four
+criteria, statistics, figures and the report.
 
 Arun et al., "Assessing the trustworthiness of saliency maps for localizing abnormalities in
 medical imaging", Radiology: AI 2021. For each saliency method the protocol asks:
@@ -101,7 +101,7 @@ class Prepared:
 
 
 def average_mask(masks: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Paper 004's AVG baseline: the mean of an ``(N, *spatial)`` stack of binary masks.
+    """Arun et al.'s (2021) AVG baseline: the mean of an ``(N, *spatial)`` stack of binary masks.
 
     Scored like any saliency map, the single average mask is the minimum bar a map must
     clear: it knows where lesions tend to be, not where this image's lesion is.
@@ -545,7 +545,7 @@ def _faithfulness(
     progress: Progress | None,
 ) -> dict[str, Any]:
     """Deletion and insertion AUCs, sensitivity-n, the IG completeness gap and the count of
-    explainability failures (paper 003, section 3) of the trained model A1."""
+    explainability failures (Borys et al. 2023, section 3) of the trained model A1."""
     from trustmap.metrics.faithfulness import (
         completeness_gap,
         deletion_curve,
@@ -928,7 +928,7 @@ def weak_models(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _notes(cfg: TrustConfig, models: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """What a reader must know to compare this run with paper 004."""
+    """What a reader must know to compare this run with Arun et al. 2021."""
     params = cfg.method_params
     notes = weak_models(models)
     if "smooth_ig" in cfg.methods:
@@ -936,19 +936,19 @@ def _notes(cfg: TrustConfig, models: Mapping[str, Mapping[str, Any]]) -> list[st
         n, steps = sig.get("n_samples", 25), sig.get("n_steps", 25)
         notes.append(
             f"Smooth IG costs {n} noise samples x {steps} path steps = {n * steps} "
-            "gradient passes per image and model state, the bulk of the run; paper 004's "
+            "gradient passes per image and model state, the bulk of the run; Arun et al.'s (2021) "
             "25 interpolation steps are kept and the noise samples reduced to fit the time "
             "budget (set method_params.smooth_ig.n_samples to change it)."
         )
     notes += [
-        "Maps are post-processed as in paper 004's code: "
+        "Maps are post-processed as in Arun et al.'s (2021) code: "
         + ", ".join(f"{k}={v}" for k, v in PostprocessConfig(**cfg.postprocess).as_dict().items())
         + ". Localizer maps are its per-pixel lesion probabilities, used as they are.",
         "Randomization re-initialises each stage's layers with their own initialisers; "
         "normalisation layers return to their initial state (weight 1, bias 0, running "
         "statistics 0 and 1).",
         "Mixed-model p-values: statsmodels' Wald statistic referred to t(images - 1) "
-        "(paper 004 used lmerTest's Satterthwaite t tests); Tukey HSD is the one-way test, "
+        "(Arun et al. 2021 used lmerTest's Satterthwaite t tests); Tukey HSD is the one-way test, "
         "which ignores the pairing by image.",
         f"Target class: 1 (positive) for every model state; images: {cfg.n_images or 'all'} "
         "positive test images with a non-empty mask.",

@@ -1,7 +1,7 @@
-"""Sensitivity of saliency maps to the model's weights (paper 004, criterion 2).
+"""Sensitivity of saliency maps to the model's weights (Arun et al. 2021, criterion 2).
 
 Model-parameter randomization test of Adebayo et al. 2018, "Sanity checks for saliency
-maps" (NeurIPS), as used by Arun et al. 2021 (paper 004, Figure 3): the weights of a
+maps" (NeurIPS), as used by Arun et al. 2021 (Figure 3): the weights of a
 trained model are re-initialised one block at a time and the map of each randomized
 model is compared with the trained model's map by SSIM.
 
@@ -532,7 +532,7 @@ def cascading_randomization(
     batch_size: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> RandomizationResult:
-    """Model-parameter randomization test (Adebayo et al. 2018; paper 004, Figure 3).
+    """Model-parameter randomization test (Adebayo et al. 2018; Arun et al. 2021, Figure 3).
 
     For each stage ``k`` (top-down, see :func:`model_stages`):
     ``SSIM_k(b) = SSIM(P(E(f_k, x_b, c_b)), P(E(f, x_b, c_b)))``, where ``f`` is the
@@ -754,7 +754,7 @@ def randomization_baseline(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """SSIM between the trained model's maps of random pairs of different images.
 
-    Paper 004's randomization baseline is the mean of these values over 50 pairs: how
+    Arun et al.'s (2021) randomization baseline is the mean of these values over 50 pairs: how
     similar the maps of two unrelated images are. Pairs ``(i, j)``, ``i != j``, are drawn
     without repeating an unordered pair. If the ``N`` maps give fewer than ``n_pairs``
     pairs (``N (N - 1) / 2``), all of them are used, so the length of the result is the
@@ -765,7 +765,7 @@ def randomization_baseline(
     maps:
         ``(N, *spatial)`` post-processed maps, ``N >= 2``.
     n_pairs:
-        Number of pairs (paper 004: 50).
+        Number of pairs (Arun et al. 2021: 50).
     seed:
         Seed of the pair draw.
     similarity:

@@ -1,12 +1,12 @@
 """The trust report: one self-contained HTML file from ``results.json`` and the figures.
 
 The report computes nothing: it reads the results of the trust protocol (schema in the
-protocol's documentation) and lays them out as paper 004 does (Arun et al., Radiology: AI
+protocol's documentation) and lays them out as Arun et al. 2021 does (Arun et al., Radiology: AI
 2021, Tables 2, 3 and 4), after a one-screen summary of the verdicts. Figures are embedded as base64
 data URIs and the style sheet is inline, so the file can be mailed or archived alone; it
 needs no JavaScript and fetches nothing.
 
-Conventions, as in paper 004
+Conventions, as in Arun et al. 2021
 ----------------------------
 * Means are given as ``mean ± sd`` with two decimals.
 * P values drop the leading zero: ``<.001``, ``.004``, ``.02``, ``.23``; ``NA`` where no
@@ -51,7 +51,7 @@ _VERDICT_WORDS = {
     "uncertain": "uncertain",
     None: "not run",
 }
-#: Paper 004's footnote marks.
+#: Arun et al.'s (2021) footnote marks.
 _MARKS = {"fail": "\u2020", "pass": "\u2021", "uncertain": "\u00a7"}
 _DASH = "\u2014"
 
@@ -63,36 +63,36 @@ _DASH = "\u2014"
 #: added.
 FIGURE_CAPTIONS = {
     "utility_boxplot": (
-        "Localization utility per test image (after paper 004, Figure 2A). One box per "
+        "Localization utility per test image (after Arun et al. 2021, Figure 2A). One box per "
         "method, with the AVG mask (low baseline, light blue) and the localizer (high "
         "baseline, dark blue); solid line median, dashed line mean. Above each box: "
         "\u2713 pass, \u2717 did not pass, ? uncertain against AVG."
     ),
     "randomization_curves": (
-        "Sensitivity to the model's weights (after paper 004, Figure 3A). Mean SSIM between "
+        "Sensitivity to the model's weights (after Arun et al. 2021, Figure 3A). Mean SSIM between "
         "the trained model's map and the map after cascading randomization from the logits "
         "down (left) and after randomizing one block at a time (right). Dotted lines in each "
         "method's colour are its randomization baseline (mean SSIM of random pairs of "
         "different images); a map has degraded when it ends below its baseline."
     ),
     "randomization_grid": (
-        "Example maps of one test image along cascading randomization (after paper 004, "
+        "Example maps of one test image along cascading randomization (after Arun et al. 2021, "
         "Figure 3B): the image, the trained model's map, then one map per randomized stage; "
         "the ground-truth mask is outlined."
     ),
     "repro_boxplot": (
         "Repeatability (two replicates of architecture A) and reproducibility (A vs "
-        "architecture B) SSIM per test image (after paper 004, Figure 4A), with the low "
+        "architecture B) SSIM per test image (after Arun et al. 2021, Figure 4A), with the low "
         "baseline SSIM 0.5 (light blue dashed line) and two localizers trained with "
         "different seeds (high baseline, dark blue box)."
     ),
     "repro_examples": (
         "Example maps of one test image from replicate 1 and replicate 2 of architecture A "
-        "and from architecture B (after paper 004, Figure 4C); the ground-truth mask is "
+        "and from architecture B (after Arun et al. 2021, Figure 4C); the ground-truth mask is "
         "outlined."
     ),
     "faithfulness_plot": (
-        "Faithfulness beyond paper 004: area under the deletion curve (most salient pixels "
+        "Faithfulness beyond Arun et al. 2021: area under the deletion curve (most salient pixels "
         "removed first; lower is better) and the insertion curve (added first; higher is "
         "better), mean \u00b1 sd over test images."
     ),
@@ -155,7 +155,8 @@ code { background: #f1f3f5; padding: 0 0.2em; }
 
 
 def format_p(p: float | None) -> str:
-    """A p value in paper 004's style: ``"<.001"``, ``".004"``, ``".02"``, ``".23"``, ``"NA"``.
+    """A p value in the style of Arun et al. (2021): ``"<.001"``, ``".004"``, ``".02"``,
+    ``".23"``, ``"NA"``.
 
     Values below .01 keep three decimals (the paper writes ``P = .004``), others two; the
     leading zero is dropped as p cannot exceed 1. None (and NaN, which results should never
@@ -472,7 +473,7 @@ def _image_counts(per_image: Any) -> dict[str, int]:
 def _table_utility_randomization(results: Mapping[str, Any], methods: list[str]) -> str:
     alpha = _alpha(results)
     out = [
-        '<section id="table3"><h2>Utility and randomization (paper 004, Table 3)</h2>',
+        '<section id="table3"><h2>Utility and randomization (Arun et al. 2021, Table 3)</h2>',
         "<table><tr><th rowspan=2>Method</th><th colspan=3>Utility</th>"
         "<th colspan=3>Randomization (SSIM)</th></tr>"
         "<tr><th>AUPRC</th><th>P value (AVG)</th><th>P value (localizer)</th>"
@@ -538,7 +539,7 @@ def _table_utility_randomization(results: Mapping[str, Any], methods: list[str])
 def _table_auroc(results: Mapping[str, Any], methods: list[str]) -> str:
     alpha = _alpha(results)
     out = [
-        '<section id="table2"><h2>Utility as AUROC (paper 004, Table 2)</h2>',
+        '<section id="table2"><h2>Utility as AUROC (Arun et al. 2021, Table 2)</h2>',
         "<table><tr><th>Method</th><th>AUROC</th><th>P value (AVG)</th>"
         "<th>P value (localizer)</th></tr>",
     ]
@@ -588,7 +589,8 @@ def _table_randomized_utility(results: Mapping[str, Any], methods: list[str]) ->
             *rows,
             "</table>",
             '<p class="foot">A map that explains the trained model should localize better than '
-            "the map of the same model with all weights randomized (paper 004, Results).</p>",
+            "the map of the same model with all weights randomized (Arun et al. 2021, "
+            "Results).</p>",
             "</section>",
         ]
     )
@@ -599,7 +601,8 @@ def _table_repro(results: Mapping[str, Any], methods: list[str]) -> str:
     low = _number(_get(results, "baselines", "low_ssim"))
     low = 0.5 if low is None else low
     out = [
-        '<section id="table4"><h2>Repeatability and reproducibility (paper 004, Table 4)</h2>',
+        '<section id="table4"><h2>Repeatability and reproducibility '
+        "(Arun et al. 2021, Table 4)</h2>",
         "<table><tr><th rowspan=2>Method</th><th colspan=3>Repeatability</th>"
         "<th colspan=3>Reproducibility</th></tr>"
         "<tr><th>SSIM</th><th>P value (localizer)</th><th>P value (LOW)</th>"
@@ -649,7 +652,7 @@ def _table_repro(results: Mapping[str, Any], methods: list[str]) -> str:
 
 def _table_faithfulness(results: Mapping[str, Any], methods: list[str]) -> str:
     out = [
-        '<section id="faithfulness"><h2>Faithfulness (beyond paper 004)</h2>',
+        '<section id="faithfulness"><h2>Faithfulness (beyond Arun et al. 2021)</h2>',
         "<table><tr><th>Method</th><th>Deletion AUC</th><th>Insertion AUC</th>"
         "<th>Completeness gap</th><th>Sensitivity-n (n: r)</th>"
         "<th>Explainability failures</th></tr>",
@@ -679,7 +682,7 @@ def _table_faithfulness(results: Mapping[str, Any], methods: list[str]) -> str:
         "methods where completeness holds by design. Sensitivity-n: correlation between the "
         "attribution summed over n random pixels and the score change when they are removed. "
         "Explainability failures: correct positive predictions whose map localizes worse than "
-        "the AVG mask (paper 003, section 3).</p>"
+        "the AVG mask (Borys et al. 2023, section 3).</p>"
     )
     out.append("</section>")
     return "\n".join(out)

@@ -1,6 +1,6 @@
-"""Statistics and verdicts of the trust protocol (paper 004, "Statistical analysis").
+"""Statistics and verdicts of the trust protocol (Arun et al. 2021, "Statistical analysis").
 
-Arun et al. 2021 (paper 004) compare each saliency method's per-image scores with a low
+Arun et al. 2021 compare each saliency method's per-image scores with a low
 baseline by a linear mixed-effects model (R lme4/lmerTest): method as the fixed effect,
 image as a random intercept, two-sided, alpha .05, with Tukey HSD post hoc. Every function
 here takes a tidy DataFrame with one row per image x method (columns ``image``, ``method``,
@@ -122,7 +122,7 @@ def verdict(
     alpha: float = 0.05,
     higher_is_better: bool = True,
 ) -> Verdict:
-    """Verdict of paper 004's footnotes: passed, did not pass, or uncertain.
+    """Verdict of Arun et al.'s (2021) footnotes: passed, did not pass, or uncertain.
 
     ``"pass"`` when ``p_value < alpha`` and the difference (method - baseline) points the
     good way, ``"fail"`` when it is significant the other way, ``"uncertain"`` otherwise
@@ -251,7 +251,7 @@ def compare_to_constant(
     alpha: float = 0.05,
     higher_is_better: bool = True,
 ) -> dict[str, Comparison]:
-    """Compare every method's mean with a fixed number (paper 004's low SSIM baseline 0.5).
+    """Compare every method's mean with a fixed number (Arun et al.'s (2021) low SSIM baseline 0.5).
 
     Fits ``value - constant ~ 0 + C(method) + (1 | image)`` (REML); each method's p-value is
     the Wald test that its coefficient is 0. When each image has a single value (one method)
@@ -314,7 +314,7 @@ def compare_to_sample(
 ) -> dict[str, Comparison]:
     """Compare every method with its own independent baseline sample by Welch's t-test.
 
-    Paper 004's randomization baseline is the SSIM of 50 random pairs of different images,
+    Arun et al.'s (2021) randomization baseline is the SSIM of 50 random pairs of different images,
     so its values belong to image pairs, not to the images the method was scored on: there
     is no shared image to carry a random intercept and the two samples are independent with
     unequal variances, the case of Welch's unequal-variance t-test.

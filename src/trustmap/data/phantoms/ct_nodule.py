@@ -1,6 +1,6 @@
 """``ct-nodule``: axial CT lung patches in Hounsfield units with a nodule at the centre.
 
-Modelled on the LIDC-IDRI crops of Katzmann et al. 2021 (paper 002, section 3.1): 64 x 64
+Modelled on the LIDC-IDRI crops of Katzmann et al. 2021 (section 3.1): 64 x 64
 pixels covering 45 x 45 mm around the lesion (pixel spacing 45/64 mm); 45% malignant, as
 in their 348/772. Each patch shows
 
@@ -33,7 +33,7 @@ from trustmap.data.phantoms._common import PhantomSpec, bbox, smooth_noise
 
 __all__ = ["CT_NODULE", "FOV_MM"]
 
-#: Field of view of a patch in mm, whatever its size in pixels (paper 002).
+#: Field of view of a patch in mm, whatever its size in pixels (Katzmann et al. 2021).
 FOV_MM = 45.0
 
 

@@ -1,7 +1,7 @@
 """The shortcut token: a laterality-marker-like letter in a bright square, burned into a corner.
 
 Real radiographs carry a lead "L" or "R" marker; a classifier can learn where the marker
-sits instead of the disease (a Clever-Hans shortcut, Borys et al. 2023, paper 003). Here
+sits instead of the disease (a Clever-Hans shortcut, Borys et al. 2023, Borys et al. 2023). Here
 the token of a positive case sits in the top-left corner as an "R" and that of a negative
 case in the top-right corner as an "L" with probability ``p`` (the agreement rate); with
 probability ``1 - p`` it sits in the other class's corner. Every case of a dataset with a

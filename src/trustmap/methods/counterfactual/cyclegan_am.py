@@ -1,4 +1,4 @@
-"""Cycle-consistent activation maximization (Katzmann et al. 2021, paper 002)."""
+"""Cycle-consistent activation maximization (Katzmann et al. 2021, Katzmann et al. 2021)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GeneratorFn = Callable[[torch.Tensor], torch.Tensor]
     output="input",
 )
 class CycleGANAM(Explainer):
-    """Counterfactual relevance ``R = G+(x) - G-(x)`` (paper 002, equation 6).
+    """Counterfactual relevance ``R = G+(x) - G-(x)`` (Katzmann et al. 2021, equation 6).
 
     ``G+`` and ``G-`` were trained (:func:`trustmap.counterfactual.train_counterfactual`)
     to make the smallest realistic change that drives the classifier towards the

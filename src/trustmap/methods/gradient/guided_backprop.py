@@ -21,7 +21,7 @@ from trustmap.methods.gradient._relu_rules import modified_relu_gradient
 )
 class GuidedBackprop(Explainer):
     """Guided backprop: at every ReLU ``R_in = max(R_out, 0) * 1[a > 0]`` where ``a`` is
-    the forward activation (paper 000, section 3.2.2).
+    the forward activation (Huff et al. 2021, section 3.2.2).
 
     ReLUs are intercepted wherever they are called (see :class:`DeconvNet`); other hidden
     activations raise a ValueError naming them.

@@ -158,7 +158,7 @@ def integrate_path(
 )
 class IntegratedGradients(Explainer):
     """Integrated gradients: ``IG(x) = (x - x') * int_0^1 dS(x' + a (x - x'))/dx da``
-    (paper 000, section 3.1.3). Completeness: ``sum IG = S(x) - S(x')`` up to the
+    (Huff et al. 2021, section 3.1.3). Completeness: ``sum IG = S(x) - S(x')`` up to the
     quadrature error, which shrinks as ``n_steps`` grows.
 
     Parameters

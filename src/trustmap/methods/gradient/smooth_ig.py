@@ -20,7 +20,7 @@ from trustmap.methods.gradient.smoothgrad import SmoothGrad
     paper="Smilkov et al. 2017 with Sundararajan et al. 2017 (SIG in Arun et al. 2021)",
 )
 class SmoothIG(Explainer):
-    """Smooth IG (SIG of paper 004): ``1/n sum_i IG(x + eps_i)`` with SmoothGrad's noise.
+    """Smooth IG (SIG of Arun et al. 2021): ``1/n sum_i IG(x + eps_i)`` with SmoothGrad's noise.
 
     Takes the parameters of both :class:`SmoothGrad` (``n_samples``, ``noise_level``,
     ``variant``, ``seed``) and of integrated gradients (``n_steps``, ``baseline``,

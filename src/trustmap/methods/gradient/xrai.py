@@ -237,7 +237,7 @@ class XRAI(Explainer):
 
 
 # The segments depend on the image and the options only, not on the model: protocols that
-# explain the same images with many models (paper 004's randomization stages, replicates)
+# explain the same images with many models (Arun et al.'s (2021) randomization stages, replicates)
 # segment each image once. Bounded, so long runs do not grow memory without limit.
 _SEGMENT_CACHE: OrderedDict[tuple, seg.Membership] = OrderedDict()
 _SEGMENT_CACHE_SIZE = 512

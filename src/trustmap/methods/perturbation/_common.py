@@ -1,7 +1,7 @@
 """Shared pieces of the perturbation family: reference ("off") values and batched scoring.
 
 Every perturbation method replaces parts of ``x`` by a reference value and reads how the
-target score changes (paper 003, section 2.1). These helpers keep the reference values and
+target score changes (Borys et al. 2023, section 2.1). These helpers keep the reference values and
 the batched, gradient-free evaluation identical across occlusion, LIME, SHAP, RISE, HiPe
 and the mask-optimisation methods.
 """

@@ -170,7 +170,7 @@ class ExtremalPerturbation(Explainer):
     ``f`` is the target score (the logit for a classifier, as TorchRay's default reward),
     ``b`` a blurred copy of ``x`` (or a constant), ``r_a`` the sorted template with a
     fraction ``a`` of ones: the ranking loss pins the mask's area to ``a`` without fixing
-    where it lies (Fong et al. 2019, eq. 6; paper 003, section 2.1). Masks come from a
+    where it lies (Fong et al. 2019, eq. 6; Borys et al. 2023, section 2.1). Masks come from a
     parameter field through the smooth-max operator (see :func:`smooth_max_mask`), so
     they are smooth blobs of scale ``sigma``. The parameters start at 1 and are optimised
     by Adam, projected onto [0, 1]; ``lambda`` starts at ``area_weight * N / 224^2`` for

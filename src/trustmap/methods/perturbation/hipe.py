@@ -150,7 +150,7 @@ class HiPe(Explainer):
     Level 0 occludes every window of a coarse grid; each later level halves the cells and
     occludes only the windows whose current saliency reaches the threshold: the
     mid-range ``(min + max) / 2`` or the mean of the map accumulated so far, per sample
-    (Cooper et al. 2022; paper 003, section 2.1). Windows are two cells wide and one cell
+    (Cooper et al. 2022; Borys et al. 2023, section 2.1). Windows are two cells wide and one cell
     apart, with hard edges, as in HiPe; the finest level's windows fit in ``min_window``.
     Regions that do not change the output are never refined, so a focused model needs far
     fewer evaluations than occlusion at the finest resolution.

@@ -92,7 +92,7 @@ def most_salient(saliency: torch.Tensor, removed: torch.Tensor, count: int) -> t
     summary="any method repeated after inpainting its most salient region, until the "
     "class flips; weighted sum",
     paper="González-Gonzalo et al. 2018, Improving weakly-supervised lesion localization with "
-    "iterative saliency map refinement (paper 000, section 3.2.1)",
+    "iterative saliency map refinement (Huff et al. 2021, section 3.2.1)",
 )
 class IterativeSaliency(Explainer):
     """Iterative saliency maps: ``S = sum_i w_i E(x_i) / max|E(x_i)|`` with ``x_1 = x`` and
@@ -107,9 +107,9 @@ class IterativeSaliency(Explainer):
     differs from the target class; for a single-logit model, the signed logit is no
     longer positive) or after ``max_iter`` maps; the samples still running are explained
     together. Region and callable targets have no class, so they always run ``max_iter``
-    iterations (paper 000, section 3.2.1; González-Gonzalo et al. 2018).
+    iterations (Huff et al. 2021, section 3.2.1; González-Gonzalo et al. 2018).
 
-    Paper 000 says only that the final map is a weighted sum. trustmap scales each map to
+    Huff et al. 2021 says only that the final map is a weighted sum. trustmap scales each map to
     a maximum absolute value of 1 and weights it by ``weights``: ``"score"`` (default) the
     target's probability on the image the map was computed from, so evidence found after
     the prediction has weakened counts less (the raw score for region and callable

@@ -141,7 +141,7 @@ class KernelShap(Explainer):
 
     ``v(z)`` is the target score with only the segments in ``z`` kept, the others at their
     "off" value; ``v(1)`` is the score on ``x``, ``v(0)`` with every segment off (Lundberg
-    and Lee 2017, section 4.1; paper 003 section 2.1). The efficiency constraint holds
+    and Lee 2017, section 4.1; Borys et al. 2023 section 2.1). The efficiency constraint holds
     exactly, so the segment values always add up to the output change. With
     ``n_samples >= 2^M - 2`` every coalition is enumerated and ``phi`` is the exact
     Shapley value; otherwise coalitions are chosen by :func:`kernel_shap_design` (small

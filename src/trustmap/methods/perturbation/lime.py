@@ -128,7 +128,7 @@ class Lime(Explainer):
     segment on with probability 1/2); the first is all on. ``x[z]`` keeps the segments
     that are on and replaces the others by their "off" value; ``S`` is the target score.
     The weighted ridge surrogate is fitted with the proximity weights ``pi`` of the
-    `lime` package (Ribeiro et al. 2016, section 3.3; paper 003 section 2.1), after an
+    `lime` package (Ribeiro et al. 2016, section 3.3; Borys et al. 2023 section 2.1), after an
     optional feature selection. The map spreads each segment's coefficient over its voxels
     (``(B, 1, *spatial)``; unselected segments 0).
 

@@ -52,7 +52,7 @@ class MeaningfulPerturbation(Explainer):
     probability (softmax for multi-class, sigmoid for a single logit, the raw score for
     region and callable targets); ``TV_beta(m) = sum_axes mean |d m|^beta`` over the
     low-resolution mask. The mask starts at 1 (nothing deleted) and is optimised by Adam,
-    projected onto [0, 1] after every step (Fong and Vedaldi 2017, eq. 4; paper 003,
+    projected onto [0, 1] after every step (Fong and Vedaldi 2017, eq. 4; Borys et al. 2023,
     section 2.1). The L1 and TV terms are means over the mask, so their weights do not
     depend on the image size.
 

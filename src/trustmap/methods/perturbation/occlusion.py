@@ -73,8 +73,8 @@ class Occlusion(Explainer):
 
     A window of ``window`` voxels (all channels) slides over the image with ``stride``;
     each position is replaced by the baseline and the target score ``S`` re-evaluated
-    (Zeiler and Fergus 2014; paper 003 section 2.1, paper 001 section 3.1). Along each
-    axis the windows start at ``0, s, 2s, ...`` until one reaches the end,
+    (Zeiler and Fergus 2014; Borys et al. 2023 section 2.1, Singh et al. 2020 section 3.1).
+    Along each axis the windows start at ``0, s, 2s, ...`` until one reaches the end,
     ``ceil((n - w) / s) + 1`` windows, the last possibly cut off by the border; this is
     captum's ``Occlusion`` placement, and for ``sliding_window_shapes=(C, *window)`` the
     maps are equal. Voxels that no window covers (``stride > window``) get 0.

@@ -87,7 +87,7 @@ class RISE(Explainer):
     ``(ceil(size / cell) + 1) * cell`` voxels and cropped to the image at a random shift
     in ``[0, cell)`` per dimension. Since ``E[M(v)] = p``, dividing by ``n p`` makes
     ``S`` the expected score given that voxel ``v`` is kept (Petsiuk et al. 2018, eq. 6).
-    Paper 003, section 2.1.
+    Borys et al. 2023, section 2.1.
 
     All samples of a batch share the same masks, so a sample's map does not depend on the
     rest of the batch. Returns ``(B, 1, *spatial)``.

@@ -67,7 +67,7 @@ class ShapleySampling(Explainer):
     orderings ``pi`` of the segments, ``P_pi(s)`` the segments before ``s``.
 
     ``v(S)`` is the target score with only the segments in ``S`` kept, the others at their
-    "off" value (paper 001 section 3.1; Castro et al. 2009). Every ordering is uniformly
+    "off" value (Singh et al. 2020 section 3.1; Castro et al. 2009). Every ordering is uniformly
     random, so the estimate is unbiased, and its marginal gains add up to
     ``v(all) - v(none)`` exactly (efficiency). By default the orderings come in antithetic
     pairs, an ordering and its reverse: segment ``s`` then follows a set ``A`` once and

@@ -42,7 +42,7 @@ class DeepLift(Explainer):
     Summation-to-delta: ``sum A = S(x) - S(x')`` for the target score ``S``, exactly
     (up to rounding) for the rescale and reveal-cancel rules, through residual additions,
     concatenation, BatchNorm in eval mode and average pooling; through max pooling too
-    with ``maxpool="rescale"``. (Paper 001 lists the rescale rule among the methods
+    with ``maxpool="rescale"``. (Singh et al. 2020 lists the rescale rule among the methods
     without completeness: with respect to IG's path integral it is an approximation, but
     with respect to its own reference its sum is exact.)
 
