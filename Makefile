@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 OUT ?= demo_out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# The documentation site (MkDocs Material, API reference from the docstrings) into site/;
+# its strict build (no warning allowed) is also a test in `make test`.
+docs: $(VENV)/.installed-dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/methods.py
 
 clean:
-	rm -rf $(OUT) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(OUT) site .pytest_cache build *.egg-info src/*.egg-info
