@@ -79,7 +79,15 @@ def explain(
             "from the current directory)"
         ),
     ],
-    input: Annotated[Path, typer.Option("--input", "-i", help="DICOM, NIfTI, PNG/JPEG or NPY")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            "-i",
+            help="DICOM, NIfTI, PNG/JPEG or NPY; or many: a folder, a CSV with an 'image' "
+            "column, or DICOM series folders (writes gallery.html)",
+        ),
+    ],
     method: Annotated[str, typer.Option(help="method name(s), comma-separated, or 'all'")],
     out: Annotated[Path, typer.Option(help="output directory")],
     target: Annotated[str, typer.Option(help="class index, or 'predicted'")] = "predicted",
@@ -98,7 +106,14 @@ def explain(
     normalize: Annotated[str, typer.Option(help="none, minmax or zscore")] = "none",
     channels: Annotated[int, typer.Option(help="channels the model expects")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    resume: Annotated[bool, typer.Option(help="skip methods already written in --out")] = False,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            help="skip what is already written in --out (default: on for many cases, where "
+            "each case is keyed on a hash of its input, the weights and the settings)"
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
     """Explain one image with one or more methods; write maps, overlays and summary.json.
 
@@ -111,10 +126,33 @@ def explain(
     names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
     params = _parse_params(param or [], names)
     tgt: int | None = None if target == "predicted" else _int(target, "--target")
+    from trustmap.batch import is_batch
+    from trustmap.cli._common import busy_machine_advice, set_threads
+
+    set_threads(threads)
+    advice = busy_machine_advice(threads)
+    if advice:
+        console.print(f"[yellow]note:[/] {escape(advice)}", highlight=False)
     loaded = open_model(model, str(weights) if weights else None, device, arch=arch)
     for note in loaded.warnings:
         warn(note)
     net = loaded.model
+    if is_batch(input):
+        _explain_many(
+            net,
+            input,
+            names,
+            out,
+            params,
+            tgt,
+            window,
+            size,
+            normalize,
+            channels,
+            device,
+            resume is not False,
+        )
+        return
     image = load(input, window=window) if window else load(input)
     x = prepare_tensor(
         image.array,
@@ -138,7 +176,7 @@ def explain(
             target=tgt,
             params=params,
             like=image,
-            resume=resume,
+            resume=bool(resume),
             on_method=lambda m: (step(m), progress.advance(task)),
         )
     for note in summary.warnings:
@@ -186,6 +224,71 @@ def demo(
         for m, e in errors.items():
             console.print(f"  {m} failed: {e}")
     console.print(f"overlays, maps and summaries in {out}/")
+
+
+def _explain_many(
+    net: Any,
+    input: Path,
+    names: list[str],
+    out: Path,
+    params: dict[str, dict[str, Any]],
+    target: int | None,
+    window: str | None,
+    size: int | None,
+    normalize: str,
+    channels: int,
+    device: str,
+    resume: bool,
+) -> None:
+    """``explain`` on a folder, a CSV or DICOM series: every case, then the gallery."""
+    from trustmap.batch import explain_batch, find_cases
+    from trustmap.cli._common import format_seconds, warnings_as_lines
+    from trustmap.data.io import load
+    from trustmap.run import prepare_tensor
+
+    cases = find_cases(input)
+
+    def read(path: Path) -> Any:
+        return load(path, window=window) if window else load(path)
+
+    def prepare(image: Any) -> Any:
+        return prepare_tensor(
+            image.array,
+            is_color=getattr(image, "is_color", False),
+            size=size,
+            normalize=normalize,
+            channels=channels,
+        ).to(device)
+
+    with progress_bars(console) as progress, warnings_as_lines(console):
+        task = progress.add_task("cases", total=len(cases))
+
+        def step(i: int, case: Any, status: str) -> None:
+            progress.update(task, completed=i, description=f"{escape(case.id)}: {status}")
+
+        result = explain_batch(
+            net,
+            cases,
+            names,
+            out,
+            prepare=prepare,
+            load=read,
+            params=params,
+            target=target,
+            resume=resume,
+            on_case=step,
+        )
+        progress.update(task, completed=len(cases), description="cases")
+    for case_id, error in result.failed.items():
+        console.print(f"  {escape(case_id)}: could not be read: {escape(error)}", highlight=False)
+    console.print(
+        f"{len(result.computed)} case(s) explained, {len(result.reused)} reused, "
+        f"{len(result.failed)} unreadable, in {format_seconds(result.seconds)}",
+        highlight=False,
+    )
+    console.print(f"wrote {out / 'gallery.html'} and {out / 'cases'}/", highlight=False)
+    if result.failed and not (result.computed or result.reused):
+        raise typer.Exit(1)
 
 
 def warn(text: str) -> None:
