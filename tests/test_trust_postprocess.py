@@ -1,4 +1,4 @@
-"""Post-processing of raw attributions into [0, 1] maps (paper 004's reference recipe)."""
+"""Post-processing of raw attributions into [0, 1] maps (Arun et al.'s (2021) reference recipe)."""
 
 from __future__ import annotations
 

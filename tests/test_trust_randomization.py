@@ -1,4 +1,4 @@
-"""Model-weight randomization (paper 004, criterion 2): stages, copies, maps, baseline."""
+"""Model-weight randomization (Arun et al. 2021, criterion 2): stages, copies, maps, baseline."""
 
 from __future__ import annotations
 

@@ -501,7 +501,7 @@ def test_report_captions_follow_figure_names(tmp_path: Path, rendered: dict[str,
     }
     text = write_report(_results(MIXED), figures, tmp_path / "r.html").read_text("utf-8")
     captions = re.findall(r"<figcaption><b>Figure \d+\.</b> (.*?)</figcaption>", text)
-    assert [c.split("(after paper 004, ")[1][:10] for c in captions[:4]] == [
+    assert [c.split("(after Arun et al. 2021, ")[1][:10] for c in captions[:4]] == [
         "Figure 2A)",
         "Figure 3B)",
         "Figure 4A)",

@@ -1,4 +1,4 @@
-"""Classification metrics of paper 002's Table 1 with bootstrap intervals."""
+"""Classification metrics of Katzmann et al.'s (2021) Table 1 with bootstrap intervals."""
 
 from __future__ import annotations
 

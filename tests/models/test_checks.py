@@ -1,4 +1,5 @@
-"""The checks of paper 000's appendix: each fires on a constructed bad case, and only there."""
+"""The checks of the appendix of Huff et al. (2021): each fires on a constructed bad case,
+and only there."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def test_cli_runs_a_config(finished) -> None:
     cfg.write_text(yaml.safe_dump(tiny_config(data, out)))
     result = CliRunner().invoke(app, ["trust", "--config", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "paper 004's four criteria" in result.output
+    assert "Arun et al.'s (2021) four criteria" in result.output
     for method in METHODS:
         assert method[:10] in result.output
     again = json.loads((out / "results.json").read_text())

@@ -500,6 +500,12 @@ def evaluate(
     timings["statistics"] = time.perf_counter() - tick
     timings["explainers (cache misses)"] = maps_of.seconds
     examples = {
+        # for the report's case gallery (trust.readable): every trained map and image
+        "trained": trained,
+        "images": prepared.images.detach().to("cpu").numpy(),
+        "masks": masks,
+        "ids": ids,
+        "correct": faith.get("correct"),
         "image": prepared.images[0].detach().to("cpu").numpy(),
         "mask": masks[0],
         "stage_names": stage_names,
@@ -567,6 +573,7 @@ def _faithfulness(
             ]
         )
     correct = (preds == 1).to("cpu").numpy()
+    out["correct"] = [bool(c) for c in correct]
     avg_auprc = _scores(
         auprc_batch, np.broadcast_to(prepared.avg_mask, prepared.masks.shape), prepared.masks
     )
@@ -887,9 +894,17 @@ def write_outputs(
         mask=examples["mask"],
     )
     figs["faithfulness"] = figures.faithfulness_plot(results, fig_dir / "faithfulness.png")
+    from trustmap.trust import readable
+
+    failures = readable.failures_of(results, per_image, examples)
+    gallery = readable.case_gallery(per_image, examples, fig_dir / "case_gallery.png", failures)
+    if gallery is not None:
+        figs["case_gallery"] = gallery
+    results["explainability_failure_images"] = failures
     timings["figures"] = time.perf_counter() - tick
 
     timings["total"] = time.perf_counter() - started
+    results["run_time"] = readable.record_run_time(out, timings["total"])
     results["notes"] = _notes(cfg, results.get("models", {}))
     results["config"] = cfg.to_dict()
     results["versions"] = _versions()

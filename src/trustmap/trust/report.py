@@ -251,14 +251,25 @@ def write_report(
     """
     if not isinstance(results, Mapping):
         raise TypeError(f"results must be a mapping (results.json), got {type(results).__name__}")
+    from trustmap.trust import readable
+
     methods = [str(m) for m in (results.get("methods") or {})]
+    figures = dict(figures)
+    gallery = figures.pop("case_gallery", None)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{_e(title)}</title><style>{_CSS}{_READABLE_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
+        readable.plain_language(results),
         _summary(results, methods, per_image),
+        readable.effect_table(results, per_image),
+        readable.data_section(results),
+        readable.gallery_section(
+            _data_uri(gallery) if gallery else None,
+            results.get("explainability_failure_images") or {},
+        ),
         _table_utility_randomization(results, methods),
         _table_auroc(results, methods),
         _table_randomized_utility(results, methods),
@@ -266,6 +277,7 @@ def write_report(
         _table_faithfulness(results, methods),
         _figures(figures),
         _timings(results),
+        _appendix(results),
         _reproduce(results),
         "</body></html>",
     ]
@@ -415,7 +427,9 @@ def _facts(results: Mapping[str, Any], methods: list[str], per_image: Any) -> st
     items = []
     dataset = results.get("dataset", config.get("dataset"))
     if dataset is not None:
-        items.append(f"<li>Dataset: {_describe(dataset)}</li>")
+        from trustmap.trust.readable import describe_data
+
+        items.append(f"<li>Data: {describe_data(dataset)}</li>")
     counts = _image_counts(per_image)
     if counts:
         text = ", ".join(f"{_e(c)} {n}" for c, n in counts.items())
@@ -425,14 +439,22 @@ def _facts(results: Mapping[str, Any], methods: list[str], per_image: Any) -> st
         if isinstance(n, int) and n:
             items.append(f"<li>Positive test images scored for utility: {n}</li>")
     total = _total_seconds(results.get("timings"))
-    items.append(f"<li>Total time: {_e(_format_seconds(total))}</li>")
+    runs = results.get("run_time") if isinstance(results.get("run_time"), Mapping) else {}
+    if runs.get("runs", 1) > 1:
+        items.append(
+            f"<li>Total time: {_e(_format_seconds(runs.get('all_runs')))} over "
+            f"{_e(runs.get('runs'))} runs (this resumed run: "
+            f"{_e(_format_seconds(runs.get('this_run', total)))})</li>"
+        )
+    else:
+        items.append(f"<li>Total time: {_e(_format_seconds(total))}</li>")
     items.append(
-        f"<li>Statistics: linear mixed-effects model (method fixed, image random intercept), "
-        f"two-sided, alpha {_alpha(results):g}; Tukey HSD post hoc.</li>"
+        f"<li>Each verdict is a two-sided test at the {_alpha(results):g} level over all test "
+        "images (details in the appendix).</li>"
     )
     notes = results.get("notes")
     if isinstance(notes, (list, tuple)):
-        items.extend(f"<li>{_e(note)}</li>" for note in notes)
+        items.extend(f"<li>{_e(note)}</li>" for note in notes if str(note).startswith("WARNING"))
     out = [f'<ul class="facts">{"".join(items)}</ul>']
     models = results.get("models")
     if isinstance(models, Mapping) and models:
@@ -787,6 +809,45 @@ def _timings(results: Mapping[str, Any]) -> str:
         f"{_cell('100 %' if total else _DASH)}</tr></table></section>"
     )
     return "\n".join(out)
+
+
+_READABLE_CSS = """
+.plain { border: 2px solid #3b6ea5; border-radius: 6px; padding: .2em 1em .6em;
+  background: #f3f7fc; max-width: 60em; }
+#gallery img { max-width: 100%; }
+"""
+
+
+def _data_uri(file: str | os.PathLike[str]) -> str | None:
+    path = Path(file)
+    mime = _MIME.get(path.suffix.lower())
+    try:
+        return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return None
+
+
+def _appendix(results: Mapping[str, Any]) -> str:
+    """What developers and reviewers need and readers do not: the statistics in detail,
+    every note, the dataset record with its paths, the cache counts."""
+    alpha = _alpha(results)
+    items = [
+        "<li>Statistics: linear mixed-effects model (method fixed, image random intercept; "
+        f"statsmodels), two-sided, alpha {alpha:g}; Tukey HSD post hoc.</li>"
+    ]
+    notes = results.get("notes")
+    if isinstance(notes, (list, tuple)):
+        items.extend(f"<li>{_e(n)}</li>" for n in notes if not str(n).startswith("WARNING"))
+    dataset = results.get("dataset")
+    if dataset is not None:
+        items.append(f"<li>Dataset record: {_describe(dataset)}</li>")
+    cache = results.get("cache")
+    if isinstance(cache, Mapping):
+        items.append(f"<li>Cache: {_describe(cache)}</li>")
+    runs = results.get("run_time")
+    if isinstance(runs, Mapping):
+        items.append(f"<li>Run time record: {_describe(runs)}</li>")
+    return f'<section id="appendix"><h2>Appendix</h2><ul>{"".join(items)}</ul></section>'
 
 
 def _reproduce(results: Mapping[str, Any]) -> str:
