@@ -53,9 +53,7 @@ def _per_image():
         rows.append((f"i{i}", "gradient", "utility", "", "auprc", 0.1 + rng.normal(0, 0.05)))
         for m in ("grad_cam", "gradient"):
             rows.append((f"i{i}", m, "randomization", "logits", "ssim", 0.8))
-            rows.append(
-                (f"i{i}", m, "randomization", "block1", "ssim", 0.1 + rng.normal(0, 0.02))
-            )
+            rows.append((f"i{i}", m, "randomization", "block1", "ssim", 0.1 + rng.normal(0, 0.02)))
             rows.append((f"i{i}", m, "repeatability", "", "ssim", 0.4 + rng.normal(0, 0.02)))
             rows.append((f"i{i}", m, "reproducibility", "", "ssim", 0.5 + rng.normal(0, 0.02)))
     return pd.DataFrame(rows, columns=["image", "method", "criterion", "stage", "metric", "value"])
