@@ -123,6 +123,9 @@ def _trust(
     )
     clock = RunClock(estimate)
     labels = {s.key: s.label for s in estimate.stages}
+    console.print(
+        time_table([(s.label, s.seconds, None) for s in estimate.stages], title="estimate")
+    )
     with progress_bars(console) as bar:
         overall: TaskID = bar.add_task("total", total=estimate.total, left=estimate.total)
         stage: TaskID = bar.add_task("starting", total=None)
