@@ -40,24 +40,24 @@ import time, torch, trustmap
 from monai.networks.nets import DenseNet121
 torch.set_num_threads({threads})
 model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).eval()
-x = torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
-trustmap.explain(model, x, "integrated_gradients", target=1, n_steps=25)
+x = torch.rand(1, 1, {size}, {size}, generator=torch.Generator().manual_seed(0))
+trustmap.explain(model, x, "integrated_gradients", target=1, n_steps={steps})
 tick = time.perf_counter()
-trustmap.explain(model, x, "integrated_gradients", target=1, n_steps=25)
+trustmap.explain(model, x, "integrated_gradients", target=1, n_steps={steps})
 print(time.perf_counter() - tick)
 """
 
 HOG = "while True: pass"
 
 
-def run_once(threads: int, policy: str | None) -> float:
+def run_once(threads: int, policy: str | None, size: int = 128, steps: int = 25) -> float:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("OMP_NUM_THREADS", None)
     if policy is not None:
         env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run(
-        [sys.executable, "-c", CHILD.format(threads=threads)],
+        [sys.executable, "-c", CHILD.format(threads=threads, size=size, steps=steps)],
         env=env,
         capture_output=True,
         text=True,
@@ -70,6 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hogs", type=int, default=2, help="busy-loop processes for 'busy'")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128, help="image size")
+    parser.add_argument("--steps", type=int, default=25, help="integrated-gradients steps")
     args = parser.parse_args()
 
     rows = []
@@ -83,12 +85,17 @@ def main() -> None:
             for threads in (2, 1):
                 for policy in (None, "PASSIVE"):
                     load = load_average()
-                    times = sorted(run_once(threads, policy) for _ in range(args.repeats))
+                    times = sorted(
+                        run_once(threads, policy, args.size, args.steps)
+                        for _ in range(args.repeats)
+                    )
                     row = {
                         "condition": condition,
                         "hogs": len(hogs),
                         "threads": threads,
                         "OMP_WAIT_POLICY": policy or "(unset)",
+                        "image_size": args.size,
+                        "n_steps": args.steps,
                         "median_s": round(times[len(times) // 2], 3),
                         "runs_s": [round(t, 3) for t in times],
                         "load_average_before": load,
