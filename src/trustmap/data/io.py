@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from trustmap.core.atomic import atomic_path, save_npy_atomic
+from trustmap.errors import DataError, InputError, InputTypeError, MissingFileError
 
 __all__ = ["SUFFIXES", "WINDOW_PRESETS", "LoadedImage", "apply_window", "load", "save_map"]
 
@@ -158,19 +159,19 @@ def load(
     """
     source = Path(path)
     if not source.exists():
-        raise FileNotFoundError(f"no such file or directory: {source}")
+        raise MissingFileError(f"no such file or directory: {source}")
     _check_window(window)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
-        raise ValueError(f"frame must be a non-negative integer, got {frame!r}")
+        raise InputError(f"frame must be a non-negative integer, got {frame!r}")
 
     if source.is_dir():
         image = _load_dicom_series(source, frame)
     else:
         kind = _sniff(source)
         if kind != "dicom" and window == "dicom":
-            raise ValueError(f"{source}: window='dicom' needs a DICOM file, this is {kind}")
+            raise DataError(f"{source}: window='dicom' needs a DICOM file, this is {kind}")
         if kind != "dicom" and kind != "nifti" and frame is not None:
-            raise ValueError(
+            raise DataError(
                 f"{source}: frame= applies to multi-frame DICOM and 4D NIfTI files only"
             )
         loader = {
@@ -209,7 +210,7 @@ def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
     display levels.
     """
     if not width > 0:
-        raise ValueError(f"window width must be positive, got {width}")
+        raise InputError(f"window width must be positive, got {width}")
     low = center - width / 2.0
     out = (np.asarray(array, dtype=np.float64) - low) / width
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -240,12 +241,12 @@ def save_map(
     target = Path(path)
     suffix = _suffix_of(target)
     if suffix not in _MAP_SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"cannot save a map as {target.name!r}: unsupported file type {suffix or '(none)'}, "
             f"expected one of {', '.join(_MAP_SUFFIXES)}"
         )
     if like is not None and affine is not None:
-        raise ValueError("pass either like= or affine=, not both")
+        raise InputError("pass either like= or affine=, not both")
     array = _as_numpy(array_or_tensor)
     if suffix in _NUMPY:
         return save_npy_atomic(target, array)
@@ -254,12 +255,12 @@ def save_map(
     while array.ndim > max(spatial_ndim, 2) and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3):
-        raise ValueError(
+        raise InputError(
             f"a NIfTI map must be (H, W) or (D, H, W), got shape {array.shape}; "
             "sum over the channel axis or pick one sample first"
         )
     if like is not None and array.shape != like.spatial_shape:
-        raise ValueError(
+        raise InputError(
             f"map shape {array.shape} does not match the image shape {like.spatial_shape} "
             f"of {like.source}"
         )
@@ -271,7 +272,7 @@ def save_map(
         matrix = np.eye(4)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        raise ValueError(f"affine must be a finite (4, 4) array, got shape {matrix.shape}")
+        raise InputError(f"affine must be a finite (4, 4) array, got shape {matrix.shape}")
 
     import nibabel as nib
 
@@ -305,7 +306,7 @@ def _sniff(path: Path) -> str:
         return "numpy"
     if suffix in _DICOM or _has_dicom_preamble(path):
         return "dicom"
-    raise ValueError(
+    raise DataError(
         f"{path}: unsupported file type {suffix or '(no suffix)'}, expected one of "
         f"{', '.join(SUFFIXES)}, a DICOM file (with 'DICM' at byte 128) or a directory of "
         "DICOM files"
@@ -326,13 +327,13 @@ def _as_numpy(value: object) -> np.ndarray:
         return value.detach().cpu().numpy()
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
-        raise TypeError(f"expected a numeric array or tensor, got dtype {array.dtype}")
+        raise InputTypeError(f"expected a numeric array or tensor, got dtype {array.dtype}")
     return array
 
 
 def _to_float32(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: unsupported data type {array.dtype}, expected real numbers")
+        raise DataError(f"{path}: unsupported data type {array.dtype}, expected real numbers")
     return np.asarray(array, dtype=np.float32)
 
 
@@ -343,7 +344,7 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
     n_nan = int(np.isnan(array).sum())
     n_inf = int(array.size - finite.sum()) - n_nan
     problems = [f"{n} {kind} values" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
-    raise ValueError(f"{path}: contains {' and '.join(problems)}")
+    raise DataError(f"{path}: contains {' and '.join(problems)}")
 
 
 def _check_window(window: object) -> None:
@@ -352,7 +353,7 @@ def _check_window(window: object) -> None:
     if isinstance(window, str):
         if window == "dicom" or window in WINDOW_PRESETS:
             return
-        raise ValueError(
+        raise InputError(
             f"unknown window {window!r}; use one of {[*WINDOW_PRESETS, 'dicom']} "
             "or a (center, width) tuple"
         )
@@ -364,7 +365,7 @@ def _check_window(window: object) -> None:
         and window[1] > 0
     ):
         return
-    raise ValueError(
+    raise InputError(
         f"window must be a preset name or (center, width) with width > 0, got {window!r}"
     )
 
@@ -373,7 +374,7 @@ def _resolve_window(window: str | tuple[float, float], image: LoadedImage) -> tu
     if window == "dicom":
         center, width = image.meta.get("window_center"), image.meta.get("window_width")
         if center is None or width is None or not width > 0:
-            raise ValueError(f"{image.source}: has no WindowCenter/WindowWidth to apply")
+            raise DataError(f"{image.source}: has no WindowCenter/WindowWidth to apply")
         return float(center), float(width)
     if isinstance(window, str):
         return WINDOW_PRESETS[window]
@@ -406,12 +407,12 @@ def _load_npy(path: Path, frame: int | None) -> LoadedImage:
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, OSError or EOFError by cause
-        raise ValueError(f"{path}: not a readable .npy file ({exc})") from exc
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
     array = _to_float32(array, path)
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3):
-        raise ValueError(
+        raise DataError(
             f"{path}: expected a 2D (H, W) or 3D (D, H, W) array, got shape {array.shape}"
         )
     return LoadedImage(
@@ -437,7 +438,7 @@ def _load_pillow(path: Path, frame: int | None) -> LoadedImage:
                 pixels = np.moveaxis(np.asarray(img.convert("RGB")), -1, 0)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         # Pillow reports truncated or garbled files as OSError or SyntaxError.
-        raise ValueError(f"{path}: not a readable image file ({exc})") from exc
+        raise DataError(f"{path}: not a readable image file ({exc})") from exc
     array = _to_float32(pixels, path)
     is_color = array.ndim == 3
     return LoadedImage(
@@ -460,7 +461,7 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
         img = nib.load(path)
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types
-        raise ValueError(
+        raise DataError(
             f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})"
         ) from exc
     zooms = tuple(float(z) for z in img.header.get_zooms())
@@ -469,17 +470,17 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
         data = data[..., 0]
     if data.ndim == 4:
         if frame is None:
-            raise ValueError(
+            raise DataError(
                 f"{path}: is 4D with {data.shape[3]} volumes; pick one with frame=0..."
                 f"{data.shape[3] - 1}"
             )
         if frame >= data.shape[3]:
-            raise ValueError(f"{path}: frame {frame} out of range, it has {data.shape[3]} volumes")
+            raise DataError(f"{path}: frame {frame} out of range, it has {data.shape[3]} volumes")
         data = data[..., frame]
     elif frame is not None:
-        raise ValueError(f"{path}: frame= needs a 4D NIfTI file, this one is {data.ndim}D")
+        raise DataError(f"{path}: frame= needs a 4D NIfTI file, this one is {data.ndim}D")
     if data.ndim not in (2, 3):
-        raise ValueError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
+        raise DataError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
     array = np.ascontiguousarray(_to_float32(data, path).T)
     spatial_units = img.header.get_xyzt_units()[0]
     return LoadedImage(
@@ -516,13 +517,13 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Any:
                 ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
                 forced = True
     except Exception as exc:  # pydicom raises many types on garbage input
-        raise ValueError(
+        raise DataError(
             f"{path}: not a valid DICOM file, it is corrupt or truncated ({exc})"
         ) from exc
     if forced and "SOPClassUID" not in ds and not _has_pixels(ds):
         # force=True reads almost any bytes as some dataset; without an SOP class or
         # pixels the "dataset" is noise.
-        raise ValueError(f"{path}: not a valid DICOM file, it is corrupt or truncated")
+        raise DataError(f"{path}: not a valid DICOM file, it is corrupt or truncated")
     if "TransferSyntaxUID" not in ds.file_meta:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -549,11 +550,11 @@ def _require_pixels(ds: Any, path: Path) -> None:
     name = _sop_name(ds)
     if "Image" in name:
         # An image SOP class must carry pixels; a file cut short loses them first.
-        raise ValueError(
+        raise DataError(
             f"{path}: has no pixel data although it is a {name} object; the file is "
             "probably truncated or corrupt"
         )
-    raise ValueError(f"{path}: has no pixel data ({name}); it is not an image")
+    raise DataError(f"{path}: has no pixel data ({name}); it is not an image")
 
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
@@ -565,7 +566,7 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise ValueError(f"{path}: cannot decode the pixel data ({name}): {exc}") from exc
+        raise DataError(f"{path}: cannot decode the pixel data ({name}): {exc}") from exc
 
 
 def _frame_item(ds: Any, index: int, sequence: str) -> Any:
@@ -735,7 +736,7 @@ def _to_2d_image(
     if samples == 3:
         return np.moveaxis(pixels, -1, 0).astype(np.float32), {"units": None}, True
     if samples != 1:
-        raise ValueError(f"{path}: {samples} samples per pixel are not supported")
+        raise DataError(f"{path}: {samples} samples per pixel are not supported")
     values, meta = _modality_transform(pixels, ds, index, path)
     return values, meta, False
 
@@ -748,17 +749,17 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
     meta["n_frames"] = n_frames
     if n_frames == 1:
         if frame is not None:
-            raise ValueError(f"{path}: frame={frame} given but the file has a single frame")
+            raise DataError(f"{path}: frame={frame} given but the file has a single frame")
         indices = [0]
         pixels = pixels[None]
     elif frame is not None:
         if frame >= n_frames:
-            raise ValueError(f"{path}: frame {frame} out of range, the file has {n_frames}")
+            raise DataError(f"{path}: frame {frame} out of range, the file has {n_frames}")
         indices = [frame]
         pixels = pixels[frame][None]
     else:
         if _is_colour(ds):
-            raise ValueError(
+            raise DataError(
                 f"{path}: a colour multi-frame file cannot be one array; pick a frame with "
                 f"frame=0...{n_frames - 1}"
             )
@@ -825,10 +826,10 @@ def _is_dicom_candidate(path: Path) -> bool:
 
 def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
     if frame is not None:
-        raise ValueError(f"{folder}: frame= applies to a multi-frame DICOM file, not a folder")
+        raise DataError(f"{folder}: frame= applies to a multi-frame DICOM file, not a folder")
     files = sorted(p for p in folder.iterdir() if _is_dicom_candidate(p))
     if not files:
-        raise ValueError(f"{folder}: contains no DICOM files (.dcm or with the DICM marker)")
+        raise DataError(f"{folder}: contains no DICOM files (.dcm or with the DICM marker)")
     slices, skipped = [], []
     for file in files:
         ds = _read_dataset(file)
@@ -840,10 +841,10 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
             continue
         slices.append((file, ds))
     if not slices:
-        raise ValueError(f"{folder}: has no pixel data in any of its {len(files)} DICOM files")
+        raise DataError(f"{folder}: has no pixel data in any of its {len(files)} DICOM files")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
     if len(series) > 1:
-        raise ValueError(
+        raise DataError(
             f"{folder}: holds {len(series)} series; put one series per folder or load files "
             "one by one"
         )
@@ -860,13 +861,13 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
         )
     for file, ds in slices:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
-            raise ValueError(
+            raise DataError(
                 f"{folder}: {file.name} is multi-frame or colour; a folder must hold "
                 "single-frame greyscale slices"
             )
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
     if len(shapes) > 1:
-        raise ValueError(f"{folder}: slices have different sizes {sorted(shapes)}")
+        raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}")
 
     ordered, spacing_0, step_vector, meta = _order_slices(folder, slices)
     frames, first_meta = [], {}
@@ -902,13 +903,13 @@ def _order_slices(
     if all(o is not None and p is not None for o, p, _ in geometry):
         orientation = geometry[0][0]
         if any(not np.allclose(o, orientation, atol=1e-4) for o, _, _ in geometry):
-            raise ValueError(f"{folder}: slices have different ImageOrientationPatient")
+            raise DataError(f"{folder}: slices have different ImageOrientationPatient")
         normal = np.cross(orientation[:3], orientation[3:])
         distances = np.array([float(p @ normal) for _, p, _ in geometry])
         order = np.argsort(distances, kind="stable")
         gaps = np.diff(distances[order])
         if np.any(np.abs(gaps) < 1e-4):
-            raise ValueError(
+            raise DataError(
                 f"{folder}: two slices share a position along the normal; the folder may "
                 "mix acquisitions (echoes, time points)"
             )
