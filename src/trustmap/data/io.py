@@ -33,10 +33,12 @@ reports built from it can be shared.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,9 @@ def load(
     source = Path(path)
     if not source.exists():
         raise MissingFileError(f"no such file or directory: {source}")
+    if not source.is_dir() and not source.is_file():
+        # A FIFO would block forever, /dev/urandom never ends.
+        raise DataError(f"{source}: not a regular file or a folder of DICOM files")
     _check_window(window)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
         raise InputError(f"frame must be a non-negative integer, got {frame!r}")
@@ -181,7 +186,7 @@ def load(
             "numpy": _load_npy,
         }[kind]
         image = loader(source, frame)
-    _check_finite(image.array, source)
+    _check_image(image, source)
     if window is None:
         return image
     center, width = _resolve_window(window, image)
@@ -272,7 +277,10 @@ def save_map(
         matrix = np.eye(4)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        raise InputError(f"affine must be a finite (4, 4) array, got shape {matrix.shape}")
+        raise InputError(
+            f"affine must be a finite (4, 4) matrix, got "
+            f"{matrix.round(4).tolist()}"
+        )
 
     import nibabel as nib
 
@@ -337,14 +345,58 @@ def _to_float32(array: np.ndarray, path: Path) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def _check_finite(array: np.ndarray, path: Path) -> None:
+def _check_image(image: LoadedImage, path: Path) -> None:
+    """What every loader returns: a non-empty finite array and valid geometry."""
+    array = image.array
+    spatial = image.spatial_shape
+    if array.size == 0 or len(spatial) not in (2, 3) or min(spatial) < 1:
+        raise DataError(f"{path}: holds an empty image (shape {tuple(array.shape)})")
     finite = np.isfinite(array)
-    if finite.all():
+    if not finite.all():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int(array.size - finite.sum()) - n_nan
+        problems = [f"{n} {kind} values" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        raise DataError(f"{path}: contains {' and '.join(problems)}")
+    check_geometry(image.spacing, image.affine, len(spatial), path)
+
+
+def check_geometry(
+    spacing: Sequence[float],
+    affine: np.ndarray | None,
+    ndim: int,
+    path: object,
+    *,
+    spacing_field: str = "spacing",
+    affine_field: str = "affine",
+) -> None:
+    """Raise naming ``path`` and the field unless the geometry is usable.
+
+    ``spacing`` needs one positive finite value per spatial axis; ``affine`` (if any) must
+    be a finite ``(4, 4)`` matrix whose columns for the ``ndim`` array axes are linearly
+    independent (a singular affine maps two voxels onto one point).
+    """
+    values = [float(v) for v in spacing]
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
+        raise DataError(
+            f"{path}: {spacing_field} is {tuple(values)}; a voxel size must be a positive "
+            f"finite number for each of the {ndim} axes"
+        )
+    if affine is None:
         return
-    n_nan = int(np.isnan(array).sum())
-    n_inf = int(array.size - finite.sum()) - n_nan
-    problems = [f"{n} {kind} values" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
-    raise DataError(f"{path}: contains {' and '.join(problems)}")
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise DataError(
+            f"{path}: {affine_field} must be a finite (4, 4) matrix, got "
+            f"{matrix.round(4).tolist()}"
+        )
+    columns = matrix[:3, :ndim]
+    # Relative to the columns' own scale: 1e-6 mm voxels are odd, not singular.
+    scale = float(np.abs(columns).max())
+    if scale == 0 or np.linalg.matrix_rank(columns / scale, tol=1e-9) < ndim:
+        raise DataError(
+            f"{path}: {affine_field} is singular (its {ndim} voxel axes are not linearly "
+            "independent), so voxels cannot be placed in space"
+        )
 
 
 def _check_window(window: object) -> None:
@@ -409,6 +461,8 @@ def _load_npy(path: Path, frame: int | None) -> LoadedImage:
     except Exception as exc:  # numpy raises ValueError, OSError or EOFError by cause
         raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
     array = _to_float32(array, path)
+    if array.size == 0:
+        raise DataError(f"{path}: holds an empty array of shape {array.shape}")
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3):
@@ -436,9 +490,16 @@ def _load_pillow(path: Path, frame: int | None) -> LoadedImage:
                 pixels = np.asarray(img.getchannel("L"))
             else:  # palette, RGBA, CMYK, YCbCr, ...: as displayed, without transparency
                 pixels = np.moveaxis(np.asarray(img.convert("RGB")), -1, 0)
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"{path}: refused as a possible decompression bomb: it claims more pixels than "
+            f"Pillow's limit of {Image.MAX_IMAGE_PIXELS} ({exc})"
+        ) from exc
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         # Pillow reports truncated or garbled files as OSError or SyntaxError.
         raise DataError(f"{path}: not a readable image file ({exc})") from exc
+    except Exception as exc:  # Pillow's decoders raise other types on fuzzed data too
+        raise DataError(f"{path}: not a readable image file ({type(exc).__name__}: {exc})") from exc
     array = _to_float32(pixels, path)
     is_color = array.ndim == 3
     return LoadedImage(
@@ -458,12 +519,17 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        # nibabel "fixes" a zero voxel size to 1 with a message on stderr; we refuse it.
+        with _quiet_nibabel():
+            img = nib.load(path)
+        if 0 in img.shape:
+            raise DataError(f"{path}: holds an empty image, its dimensions are {img.shape}")
+        _check_nifti_pixdim(path, type(img.header), len(img.shape))
         data = np.asarray(img.dataobj)
+    except DataError:
+        raise
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types
-        raise DataError(
-            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     zooms = tuple(float(z) for z in img.header.get_zooms())
     # Trailing axes of size one (e.g. (X, Y, Z, 1)) carry nothing.
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -483,10 +549,20 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
         raise DataError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
     array = np.ascontiguousarray(_to_float32(data, path).T)
     spatial_units = img.header.get_xyzt_units()[0]
+    spacing = zooms[: data.ndim][::-1]
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_geometry(
+        spacing[::-1],
+        affine,
+        data.ndim,
+        path,
+        spacing_field=f"pixdim[1:{data.ndim + 1}] (the voxel size)",
+        affine_field=_nifti_affine_field(img.header),
+    )
     return LoadedImage(
         array=array,
-        spacing=zooms[: data.ndim][::-1],
-        affine=_swap_affine_axes(np.asarray(img.affine, dtype=np.float64), data.ndim),
+        spacing=spacing,
+        affine=_swap_affine_axes(affine, data.ndim),
         source=path,
         meta={
             "format": "nifti",
@@ -496,6 +572,48 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
             "frame": frame,
         },
     )
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix messages for the block (its own suppressor loses the
+    logger's handler for good)."""
+    from nibabel.imageglobals import logger
+
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_nifti_pixdim(path: Path, header_class: Any, ndim: int) -> None:
+    """The stored voxel size must be finite and non-zero (nibabel would make a zero 1)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as handle:
+        header = header_class.from_fileobj(handle, check=False)
+    axes = min(ndim, 3)
+    pixdim = np.asarray(header["pixdim"][1 : axes + 1], dtype=np.float64)
+    if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
+        raise DataError(
+            f"{path}: pixdim[1:{axes + 1}] (the voxel size) is {tuple(pixdim.tolist())}; a "
+            "voxel size must be a non-zero finite number"
+        )
+
+
+def _nifti_affine_field(header: Any) -> str:
+    """Which header fields nibabel built the affine from (as it chooses: sform first)."""
+    try:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    except (KeyError, TypeError, ValueError):
+        return "the affine"
+    if sform_code > 0:
+        return "the sform affine (srow_x, srow_y, srow_z)"
+    if qform_code > 0:
+        return "the qform affine (quatern_b/c/d, qoffset_x/y/z, pixdim)"
+    return "the affine from pixdim"
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,8 +658,101 @@ def _has_pixels(ds: Any) -> bool:
 
 
 def _sop_name(ds: Any) -> str:
-    uid = ds.get("SOPClassUID")
-    return str(uid.name) if uid is not None else "unknown SOP class"
+    """The SOP class's name; a corrupt SOPClassUID (another VR, bytes) counts as unknown."""
+    try:
+        uid = ds.get("SOPClassUID")
+        return str(uid.name) if uid is not None else "unknown SOP class"
+    except Exception:  # pydicom raises AttributeError, NotImplementedError, ... here
+        return "unknown SOP class"
+
+
+def _tag_name(keyword: str) -> str:
+    """``"RescaleSlope (0028,1053)"``: the keyword and its tag, for error messages."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
+
+
+def _source(ds: Any) -> str:
+    return str(getattr(ds, "filename", None) or "the DICOM file")
+
+
+def _value(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) -> Any:
+    """An element's value (see :func:`_attr`); a corrupt element raises naming the tag."""
+    try:
+        return _attr(ds, keyword, index, sequence)
+    except Exception as exc:  # a wrong VR, undecodable bytes: pydicom's types vary
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _numbers(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) -> list | None:
+    """A numeric element as a list of finite floats (None when absent or empty)."""
+    value = _value(ds, keyword, index, sequence)
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
+        return None
+    items = (
+        list(value)
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes)
+        else [value]
+    )
+    if not items:
+        return None
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not a number"
+            ) from None
+        if not math.isfinite(number):
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not a finite number"
+            )
+        out.append(number)
+    return out
+
+
+def _number(
+    ds: Any, keyword: str, index: int = 0, sequence: str | None = None, *, count: int = 1
+) -> Any:
+    """A numeric element with ``count`` values: a float (count 1), an array, or None."""
+    values = _numbers(ds, keyword, index, sequence)
+    if values is None:
+        return None
+    if count == 1:
+        return values[0]  # WindowCenter may hold several; the first is the default
+    if len(values) != count:
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} has {len(values)} values "
+            f"({_shown(values)}), expected {count}"
+        )
+    return np.asarray(values, dtype=np.float64)
+
+
+def _integer(ds: Any, keyword: str, default: int) -> int:
+    """An integer element (Rows, BitsStored, NumberOfFrames, ...), ``default`` if absent."""
+    value = _number(ds, keyword)
+    if value is None:
+        return default
+    if value != int(value) or abs(value) > 2**31:
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not an integer"
+        )
+    return int(value)
+
+
+def _text(ds: Any, keyword: str, default: str = "") -> str:
+    value = _value(ds, keyword)
+    return default if value is None else str(value).strip()
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _require_pixels(ds: Any, path: Path) -> None:
@@ -563,10 +774,11 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about fixable tag quirks
             return ds.pixel_array
-    except Exception as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise DataError(f"{path}: cannot decode the pixel data ({name}): {exc}") from exc
+    except Exception as exc:  # pydicom and its decoders raise many types on bad data
+        raise DataError(
+            f"{path}: cannot decode the pixel data ({_syntax_name(ds)}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _frame_item(ds: Any, index: int, sequence: str) -> Any:
@@ -592,40 +804,35 @@ def _attr(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) ->
     return value
 
 
-def _first(value: Any) -> float | None:
-    """First number of a possibly multi-valued element (WindowCenter may hold several)."""
-    if value is None:
-        return None
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        return float(value)
-    return float(value[0]) if len(value) else None
-
-
 def _rescale(ds: Any, index: int) -> tuple[float, float, bool]:
     seq = "PixelValueTransformationSequence"
-    slope = _attr(ds, "RescaleSlope", index, seq)
-    intercept = _attr(ds, "RescaleIntercept", index, seq)
+    slope = _number(ds, "RescaleSlope", index, seq)
+    intercept = _number(ds, "RescaleIntercept", index, seq)
     present = slope is not None or intercept is not None
+    if slope == 0:
+        raise DataError(f"{_source(ds)}: tag {_tag_name('RescaleSlope')} is 0")
     return (
-        float(slope) if slope is not None else 1.0,
-        float(intercept) if intercept is not None else 0.0,
+        slope if slope is not None else 1.0,
+        intercept if intercept is not None else 0.0,
         present,
     )
 
 
 def _stored_range(ds: Any) -> tuple[float, float]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    bits = _integer(ds, "BitsStored", _integer(ds, "BitsAllocated", 16))
+    if not 1 <= bits <= 64:
+        raise DataError(f"{_source(ds)}: tag {_tag_name('BitsStored')} is {bits}, not 1...64")
+    if _integer(ds, "PixelRepresentation", 0) == 1:
         return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     return 0.0, 2.0**bits - 1
 
 
 def _photometric(ds: Any) -> str:
-    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    return _text(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"
 
 
 def _is_colour(ds: Any) -> bool:
-    return int(ds.get("SamplesPerPixel", 1)) == 3 or _photometric(ds) == "PALETTE COLOR"
+    return _integer(ds, "SamplesPerPixel", 1) == 3 or _photometric(ds) == "PALETTE COLOR"
 
 
 def _modality_transform(
@@ -635,8 +842,8 @@ def _modality_transform(
     slope, intercept, present = _rescale(ds, index)
     values = pixels.astype(np.float64) * slope + intercept
     seq = "FrameVOILUTSequence"
-    center = _first(_attr(ds, "WindowCenter", index, seq))
-    width = _first(_attr(ds, "WindowWidth", index, seq))
+    center = _number(ds, "WindowCenter", index, seq)
+    width = _number(ds, "WindowWidth", index, seq)
     photometric = _photometric(ds)
     inverted = photometric == "MONOCHROME1"
     if inverted:
@@ -647,19 +854,19 @@ def _modality_transform(
         values = (low + high) - values
         if center is not None:
             center = (low + high) - center
-    modality = ds.get("Modality")
-    scaling = ds.get("DoseGridScaling")
+    modality = _text(ds, "Modality")
+    scaling = _number(ds, "DoseGridScaling")
     if scaling is not None:
         # RT Dose stores dose / DoseGridScaling as integers.
-        values = values * float(scaling)
-    if scaling is not None and ds.get("DoseUnits"):
-        units = str(ds.DoseUnits)
+        values = values * scaling
+    if scaling is not None and _text(ds, "DoseUnits"):
+        units = _text(ds, "DoseUnits")
     elif present and modality == "CT":
         units = "HU"
-    elif present and ds.get("RescaleType"):
-        units = str(ds.RescaleType)
-    elif modality == "PT" and ds.get("Units"):
-        units = str(ds.Units)
+    elif present and _text(ds, "RescaleType"):
+        units = _text(ds, "RescaleType")
+    elif modality == "PT" and _text(ds, "Units"):
+        units = _text(ds, "Units")
     else:
         units = None
     meta = {
@@ -675,25 +882,41 @@ def _modality_transform(
 
 
 def _geometry(ds: Any, index: int) -> tuple[np.ndarray | None, np.ndarray | None, tuple]:
-    """Orientation (6,), position (3,) and pixel spacing (row, column) of one frame."""
-    orientation = _attr(ds, "ImageOrientationPatient", index, "PlaneOrientationSequence")
-    position = _attr(ds, "ImagePositionPatient", index, "PlanePositionSequence")
-    spacing = _attr(ds, "PixelSpacing", index, "PixelMeasuresSequence")
+    """Orientation (6,), position (3,) and pixel spacing (row, column) of one frame.
+
+    Raises naming the tag for a spacing that is not positive, or direction cosines that
+    are not two non-parallel vectors.
+    """
+    orientation = _number(ds, "ImageOrientationPatient", index, "PlaneOrientationSequence", count=6)
+    position = _number(ds, "ImagePositionPatient", index, "PlanePositionSequence", count=3)
+    keyword = "PixelSpacing"
+    spacing = _number(ds, keyword, index, "PixelMeasuresSequence", count=2)
     if spacing is None:
-        spacing = ds.get("ImagerPixelSpacing")
+        keyword = "ImagerPixelSpacing"
+        spacing = _number(ds, keyword, count=2)
+    if spacing is not None and not (spacing > 0).all():
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(spacing.tolist())}; pixel "
+            "spacing must be positive"
+        )
+    if orientation is not None:
+        row, col = orientation[:3], orientation[3:]
+        normal = np.cross(row, col)
+        if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-6 or np.linalg.norm(normal) < 1e-6:
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name('ImageOrientationPatient')} is "
+                f"{_shown(orientation.tolist())}; it must hold two non-parallel direction "
+                "vectors"
+            )
     pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None else None
-    return (
-        np.asarray(orientation, dtype=np.float64) if orientation is not None else None,
-        np.asarray(position, dtype=np.float64) if position is not None else None,
-        pixel_spacing,
-    )
+    return orientation, position, pixel_spacing
 
 
 def _slice_step(ds: Any, index: int = 0) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _attr(ds, keyword, index, "PixelMeasuresSequence")
-        if value is not None and float(value) > 0:
-            return float(value)
+        value = _number(ds, keyword, index, "PixelMeasuresSequence")
+        if value is not None and value > 0:
+            return value
     return None
 
 
@@ -713,21 +936,28 @@ def _affine(
 
 
 def _ds_meta(ds: Any, path: Path) -> dict[str, Any]:
-    syntax = ds.file_meta.get("TransferSyntaxUID")
     return {
         "format": "dicom",
         "sop_class": _sop_name(ds),
-        "transfer_syntax": str(syntax.name) if syntax is not None else None,
-        "series_description": str(ds.get("SeriesDescription", "")) or None,
-        "bits_stored": int(ds.get("BitsStored", 0)) or None,
+        "transfer_syntax": _syntax_name(ds),
+        "series_description": _text(ds, "SeriesDescription") or None,
+        "bits_stored": _integer(ds, "BitsStored", 0) or None,
     }
+
+
+def _syntax_name(ds: Any) -> str:
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        return str(syntax.name) if syntax is not None else "unknown transfer syntax"
+    except Exception:  # a corrupt UID in the file meta
+        return "unknown transfer syntax"
 
 
 def _to_2d_image(
     pixels: np.ndarray, ds: Any, index: int, path: Path
 ) -> tuple[np.ndarray, dict[str, Any], bool]:
     """One frame: colour frames become (3, H, W); grey ones get the modality transform."""
-    samples = int(ds.get("SamplesPerPixel", 1))
+    samples = _integer(ds, "SamplesPerPixel", 1)
     if samples == 1 and _photometric(ds) == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -744,7 +974,7 @@ def _to_2d_image(
 def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
     ds = _read_dataset(path)
     pixels = _pixels(ds, path)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _integer(ds, "NumberOfFrames", 1) or 1
     meta = _ds_meta(ds, path)
     meta["n_frames"] = n_frames
     if n_frames == 1:
@@ -772,7 +1002,7 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
         frames.append(values)
         frame_meta = frame_meta or frame_meta_k
     meta.update(frame_meta)
-    modality = str(ds.Modality) if "Modality" in ds else None
+    modality = _text(ds, "Modality") or None
 
     orientation, position, pixel_spacing = _geometry(ds, indices[0])
     meta["spacing_units"] = "mm" if pixel_spacing is not None else "pixel"
@@ -792,12 +1022,12 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
 
     array = np.stack(frames)
     positions = [_geometry(ds, i)[1] for i in indices]
-    offsets = ds.get("GridFrameOffsetVector")
+    offsets = _numbers(ds, "GridFrameOffsetVector")
     if geometry_known and offsets is not None and len(offsets) == n_frames:
         # RT Dose: frames share ImagePositionPatient and sit at these offsets along the
         # normal (PS3.3 C.8.8.3.2).
         normal = np.cross(orientation[:3], orientation[3:])
-        positions = [position + normal * float(offsets[i]) for i in indices]
+        positions = [position + normal * offsets[i] for i in indices]
     step_vector, slice_spacing = None, _slice_step(ds) or 1.0
     if geometry_known and all(p is not None for p in positions):
         normal = np.cross(orientation[:3], orientation[3:])
@@ -842,7 +1072,7 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
         slices.append((file, ds))
     if not slices:
         raise DataError(f"{folder}: has no pixel data in any of its {len(files)} DICOM files")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+    series = {_text(ds, "SeriesInstanceUID") for _, ds in slices}
     if len(series) > 1:
         raise DataError(
             f"{folder}: holds {len(series)} series; put one series per folder or load files "
@@ -860,12 +1090,12 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
             image.is_color,
         )
     for file, ds in slices:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
+        if (_integer(ds, "NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
             raise DataError(
                 f"{folder}: {file.name} is multi-frame or colour; a folder must hold "
                 "single-frame greyscale slices"
             )
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    shapes = {(_integer(ds, "Rows", 0), _integer(ds, "Columns", 0)) for _, ds in slices}
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}")
 
@@ -891,7 +1121,7 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
         "skipped_files": skipped,
         "spacing_units": "mm" if pixel_spacing is not None else "pixel",
     }
-    modality = str(first.Modality) if "Modality" in first else None
+    modality = _text(first, "Modality") or None
     return LoadedImage(array, (spacing_0, *in_plane), affine, modality, folder, meta, False)
 
 
@@ -922,9 +1152,9 @@ def _order_slices(
             "uniform_spacing": bool(np.ptp(gaps) <= 1e-3 * spacing),
         }
         return ordered, spacing, step, notes
-    numbers = [ds.get("InstanceNumber") for _, ds in slices]
+    numbers = [_number(ds, "InstanceNumber") for _, ds in slices]
     if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
-        order = np.argsort([int(n) for n in numbers], kind="stable")
+        order = np.argsort(numbers, kind="stable")
         ordered = [slices[i] for i in order]
         notes = {"slice_order": "InstanceNumber"}
     else:

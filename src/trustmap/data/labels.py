@@ -46,6 +46,10 @@ __all__ = ["boxes_to_mask", "read_rsna_boxes", "rle_decode", "rle_encode"]
 #: Columns of the RSNA labels file.
 RSNA_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 
+#: Largest number in a run-length string (pixel index or run length): 2**40 pixels is far
+#: beyond any image, and keeps every sum of starts and lengths inside int64.
+MAX_RLE_NUMBER = 2**40
+
 
 # ---------------------------------------------------------------------------------------
 # CSV tables with row numbers (shared by the loaders)
@@ -179,17 +183,29 @@ def parse_rle(rle: str | None, *, relative: bool = True) -> tuple[np.ndarray, np
     for k, token in enumerate(tokens):
         if not (token.isascii() and token.isdigit()):
             raise DataError(
-                f"RLE number {k + 1} ({token!r}) is not a non-negative integer; expected "
+                f"RLE number {k + 1} ({_short(token)}) is not a non-negative integer; expected "
                 "space-separated 'start length' pairs or -1"
             )
-        values[k] = int(token)
+        value = int(token)
+        if value > MAX_RLE_NUMBER:
+            raise DataError(
+                f"RLE number {k + 1} ({_short(token)}) is larger than any image: at most "
+                f"{MAX_RLE_NUMBER} pixels are supported"
+            )
+        values[k] = value
     if len(values) % 2:
         raise DataError(
             f"RLE has {len(values)} numbers, an odd count; expected 'start length' pairs"
         )
     starts, lengths = values[0::2], values[1::2]
     if relative:
-        # Each start counts from the end of the previous run.
+        # Each start counts from the end of the previous run. The sums are checked in
+        # floating point first: with many huge numbers int64 would wrap around silently.
+        if len(values) and float(np.sum(values, dtype=np.float64)) > MAX_RLE_NUMBER:
+            raise DataError(
+                f"RLE runs end past pixel {MAX_RLE_NUMBER}, beyond any image: the relative "
+                "starts and lengths add up to more than that"
+            )
         absolute = np.cumsum(starts) + np.cumsum(lengths) - lengths
     else:
         if len(starts) and starts.min() < 1:
@@ -265,6 +281,11 @@ def rle_encode(mask: np.ndarray | torch.Tensor, *, relative: bool = True) -> str
     return " ".join(str(int(v)) for v in pairs)
 
 
+def _short(text: str, limit: int = 24) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[: limit - 4]}...' ({len(text)} characters)"
+
+
 # ---------------------------------------------------------------------------------------
 # Boxes
 
@@ -331,6 +352,7 @@ def parse_rsna(path: str | os.PathLike[str]) -> dict[str, RsnaPatient]:
                     f"{path} row {row.line}: box width and height must be positive, got "
                     f"{coords[2]} x {coords[3]}"
                 )
+            check_box_extent(coords, f"{path} row {row.line}")  # type: ignore[arg-type]
         elif any(v is not None for v in coords):
             raise DataError(
                 f"{path} row {row.line}: Target is 0 but the row has a box; negatives "
@@ -357,6 +379,24 @@ def read_rsna_boxes(csv_path: str | os.PathLike[str]) -> dict[str, list[tuple[fl
     errors raised.
     """
     return {pid: list(patient.boxes) for pid, patient in parse_rsna(csv_path).items()}
+
+
+def check_box_extent(box: Sequence[float], where: str) -> None:
+    """Raise naming ``where`` when a box's far edge (``x + width``, ...) is not finite."""
+    for start, extent, name in zip(box[0::2], box[2::2], ("x + width", "y + height")):
+        if not math.isfinite(start + extent):
+            raise DataError(f"{where}: the box's {name} ({start} + {extent}) is not finite")
+    if len(box) == 6 and not math.isfinite(box[4] + box[5]):
+        raise DataError(f"{where}: the box's z + depth ({box[4]} + {box[5]}) is not finite")
+
+
+def box_in_image(box: Sequence[float], height: int, width: int, depth: int | None = None) -> bool:
+    """Whether a box covers at least one pixel of the image (see :func:`boxes_to_mask`)."""
+    values = [float(v) for v in box]
+    ranges = [_box_range(values[0], values[2], width), _box_range(values[1], values[3], height)]
+    if depth is not None and len(values) == 6:
+        ranges.append(_box_range(values[4], values[5], depth))
+    return all(hi > lo for lo, hi in ranges)
 
 
 def _box_range(start: float, extent: float, size: int) -> tuple[int, int]:
@@ -410,6 +450,7 @@ def boxes_to_mask(
             raise DataError(f"box {k} has {len(values)} values, expected {form}: {box!r}")
         if not all(math.isfinite(v) for v in values):
             raise DataError(f"box {k} has a non-finite value: {box!r}")
+        check_box_extent(values, f"box {k}")
         if values[2] < 0 or values[3] < 0 or (depth is not None and values[5] < 0):
             raise DataError(f"box {k} has a negative size: {box!r}")
         c0, c1 = _box_range(values[0], values[2], width)

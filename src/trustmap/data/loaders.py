@@ -28,6 +28,7 @@ radiographs are 1024x1024).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,9 @@ from trustmap.data.datasets import (
 from trustmap.data.io import LoadedImage, load
 from trustmap.data.labels import (
     CsvRow,
+    box_in_image,
     boxes_to_mask,
+    check_box_extent,
     parse_rle,
     parse_rsna,
     read_table,
@@ -73,6 +76,9 @@ _SPLIT_ALIASES = {
     "test": "test",
 }
 _DEFAULT_CLASSES = ("negative", "positive")
+#: Class indices a MedMNIST file may use without naming its classes (MedMNIST has at most
+#: 14); a label of 2**40 must not make a list of 2**40 names.
+MAX_CLASSES = 1000
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights for RGB -> grey
 
 
@@ -232,8 +238,14 @@ def _read_card(root: Path) -> dict[str, Any]:
     return card
 
 
+def _is_integer_text(text: str) -> bool:
+    """``"3"``, ``"-1"``: ASCII digits only (``"²"`` and ``"٣"`` are digits to Python)."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
 def _parse_label(text: str, classes: Sequence[str], where: str) -> int:
-    if text.lstrip("-").isdigit():
+    if _is_integer_text(text):
         value = int(text)
         if 0 <= value < len(classes):
             return value
@@ -309,10 +321,16 @@ class FolderDataset(ImageDataset):
         classes = card.get("classes")
         if classes is None:
             names = {row.get("label") for row in rows}
-            non_numeric = sorted(n for n in names if not n.lstrip("-").isdigit())
+            non_numeric = sorted(n for n in names if not _is_integer_text(n))
             classes = non_numeric if len(non_numeric) >= 2 else list(_DEFAULT_CLASSES)
-        if not isinstance(classes, list | tuple) or len(classes) < 2:
-            raise DataError(f"{root / 'dataset.json'}: classes must list at least two names")
+        if (
+            not isinstance(classes, list | tuple)
+            or len(classes) < 2
+            or not all(isinstance(c, str) and c for c in classes)
+        ):
+            raise DataError(
+                f"{root / 'dataset.json'}: classes must list at least two names, got {classes!r}"
+            )
 
         self._paths: list[Path] = []
         self._masks: list[Path | None] = []
@@ -362,6 +380,8 @@ class FolderDataset(ImageDataset):
             split_array = np.asarray(splits, dtype=object)
 
         spatial_dims = card.get("spatial_dims") or self._guess_dims(self._paths[0])
+        in_channels = card.get("in_channels", 1)
+        _check_card(root, spatial_dims, in_channels, card.get("spacing"))
         boxes_file = root / "boxes.csv"
         self._boxes = (
             self._read_boxes(boxes_file, ids, spatial_dims) if boxes_file.is_file() else None
@@ -395,7 +415,7 @@ class FolderDataset(ImageDataset):
             name=card.get("name") or root.name,
             classes=classes,
             spatial_dims=int(spatial_dims),
-            in_channels=int(card.get("in_channels", 1)),
+            in_channels=int(in_channels),
             ground_truth=ground_truth,
             labels=labels,
             ids=ids,
@@ -455,6 +475,7 @@ class FolderDataset(ImageDataset):
             sizes = values[2:4] + (values[5:6] if spatial_dims == 3 else [])
             if min(sizes) <= 0:
                 raise DataError(f"{where}: box sizes must be positive, got {values}")
+            check_box_extent(values, where)
             boxes.setdefault(index[key], []).append(tuple(values))
         return boxes
 
@@ -472,6 +493,7 @@ class FolderDataset(ImageDataset):
         spatial = tuple(image.shape[1:])
         shown = _display(path, self.root)
         boxes = tuple(self._boxes.get(index, ())) if self._boxes is not None else ()
+        _check_boxes_inside(boxes, spatial, where, shown)
         mask = None
         if "mask" in self.ground_truth:
             mask_path = self._masks[index]
@@ -507,6 +529,42 @@ class FolderDataset(ImageDataset):
             "lesion_type": self._lesions[index] or None,
         }
         return Sample(image, int(self.labels[index]), mask, boxes, token_mask, meta)
+
+
+def _check_card(root: Path, spatial_dims: object, in_channels: object, spacing: object) -> None:
+    """The card's numbers, checked before they are used, naming dataset.json and the key."""
+    card = root / "dataset.json"
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise DataError(f"{card}: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise DataError(f"{card}: in_channels must be a positive integer, got {in_channels!r}")
+    if spacing is None:
+        return
+    if (
+        not isinstance(spacing, list | tuple)
+        or len(spacing) != spatial_dims
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in spacing
+        )
+    ):
+        raise DataError(
+            f"{card}: spacing must list {spatial_dims} positive voxel sizes in mm, got {spacing!r}"
+        )
+
+
+def _check_boxes_inside(
+    boxes: Sequence[tuple], spatial: tuple[int, ...], where: str, shown: str
+) -> None:
+    """A box that covers no pixel of its image would give an empty mask for a positive."""
+    depth = spatial[0] if len(spatial) == 3 else None
+    for box in boxes:
+        if not box_in_image(box, spatial[-2], spatial[-1], depth):
+            size = "x".join(str(n) for n in spatial)
+            raise DataError(
+                f"{where}: box {tuple(box)} lies outside the {size} image {shown} (x is the "
+                "column and y the row of its top-left corner, in pixels)"
+            )
 
 
 def _boxes_mask(boxes: Sequence[tuple], spatial: tuple[int, ...]) -> np.ndarray:
@@ -710,7 +768,11 @@ class RSNADataset(_DicomCsvDataset):
     def _load(self, index: int) -> Sample:
         image, loaded, _ = self._dicom(index)
         boxes = self._boxes[index]
-        mask = torch.from_numpy(_boxes_mask(boxes, tuple(image.shape[1:])))
+        spatial = tuple(image.shape[1:])
+        for box, line in zip(boxes, self._lines[index]):
+            where = f"{self.csv_path.name} row {line} (patientId {self.ids[index]})"
+            _check_boxes_inside([box], spatial, where, _display(self._files[index], self.root))
+        mask = torch.from_numpy(_boxes_mask(boxes, spatial))
         meta = self._meta(index, loaded)
         return Sample(image, int(self.labels[index]), mask, boxes, None, meta)
 
@@ -774,6 +836,9 @@ class MedMNISTDataset(ImageDataset):
                 if key not in arrays:
                     raise DataError(f"{path}: has {split} arrays but no {key}")
             x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            self._check_images(x, path, split)
+            if y.ndim == 0:
+                raise DataError(f"{path}: {split}_labels is a single value, not one per image")
             if len(x) != len(y):
                 raise DataError(
                     f"{path}: {split}_images has {len(x)} images but {split}_labels {len(y)} labels"
@@ -786,14 +851,18 @@ class MedMNISTDataset(ImageDataset):
         if len(shapes) > 1:
             raise DataError(f"{path}: the splits' images have different shapes {sorted(shapes)}")
         shape = images[0].shape
-        dims, channels = self._layout(shape, spatial_dims, path)
+        dims, channels, self._channel_last = self._layout(shape, spatial_dims, path)
         self._images = images
         self._offsets = np.cumsum([0] + [len(x) for x in images])
-        self._colour = channels == 3
         self.path = path
         all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         n_classes = int(all_labels.max()) + 1 if len(all_labels) else 2
         if classes is None:
+            if n_classes > MAX_CLASSES:
+                raise DataError(
+                    f"{path}: a label is {n_classes - 1}; class indices go up to "
+                    f"{MAX_CLASSES - 1} unless classes= names every class"
+                )
             classes = [str(k) for k in range(max(n_classes, 2))]
         elif len(classes) < n_classes:
             raise DataError(
@@ -839,26 +908,59 @@ class MedMNISTDataset(ImageDataset):
             if not 0 <= column < y.shape[1]:
                 raise DataError(f"{path}: label_column {column} out of range 0...{y.shape[1] - 1}")
             y = y[:, column : column + 1]
-        values = y[:, 0].astype(np.int64)
+        column_values = y[:, 0]
+        if len(column_values):
+            top = float(np.max(column_values.astype(np.float64)))
+            if top >= 2**31:
+                row = int(np.argmax(column_values))
+                raise DataError(
+                    f"{path}: {split}_labels[{row}] is {column_values[row]}, not a class index "
+                    f"(at most {MAX_CLASSES - 1} without classes=)"
+                )
+        values = column_values.astype(np.int64)
         if len(values) and values.min() < 0:
             row = int(np.argmin(values))
             raise DataError(f"{path}: {split}_labels[{row}] is {values[row]}, a negative label")
         return values
 
     @staticmethod
-    def _layout(shape: tuple[int, ...], spatial_dims: int | None, path: Path) -> tuple[int, int]:
+    def _check_images(x: np.ndarray, path: Path, split: str) -> None:
+        if x.ndim < 3:
+            raise DataError(
+                f"{path}: {split}_images has shape {x.shape}; expected (N, H, W), (N, H, W, C) "
+                "or (N, D, H, W)"
+            )
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"{path}: {split}_images must hold numbers, got dtype {x.dtype}")
+        if 0 in x.shape[1:]:
+            raise DataError(f"{path}: {split}_images has shape {x.shape}, an empty image size")
+
+    @staticmethod
+    def _layout(
+        shape: tuple[int, ...], spatial_dims: int | None, path: Path
+    ) -> tuple[int, int, bool]:
+        """Spatial dims, channels, and whether the channels are the last axis.
+
+        MedMNIST stores colour channel-last: ``(N, H, W, 3)``; ``(N, H, W, 1)`` and
+        RGBA ``(N, H, W, 4)`` (alpha dropped) are read the same way, and ``(N, D, H, W,
+        1)`` as a grey volume. A last axis of 1, 3 or 4 is a channel axis unless
+        ``spatial_dims=3`` says the array is a volume.
+        """
         if len(shape) == 3:
             if spatial_dims == 3:
                 raise DataError(f"{path}: images of shape {shape} are 2D, not 3D")
-            return 2, 1
+            return 2, 1, False
         if len(shape) == 4:
-            if shape[-1] == 3 and spatial_dims != 3:
-                return 2, 3
+            if shape[-1] in (1, 3, 4) and spatial_dims != 3:
+                return 2, 1 if shape[-1] == 1 else 3, True
             if spatial_dims == 2:
-                raise DataError(f"{path}: images of shape {shape} are not 2D (N, H, W[, 3])")
-            return 3, 1
+                raise DataError(f"{path}: images of shape {shape} are not 2D (N, H, W[, C])")
+            return 3, 1, False
+        if len(shape) == 5 and shape[-1] == 1 and spatial_dims != 2:
+            return 3, 1, True
         raise DataError(
-            f"{path}: images have shape {shape}; expected (N, H, W), (N, H, W, 3) or (N, D, H, W)"
+            f"{path}: images have shape {shape}; expected (N, H, W), (N, H, W, C) with C 1, 3 "
+            "or 4, (N, D, H, W) or (N, D, H, W, 1)"
         )
 
     def _load(self, index: int) -> Sample:
@@ -869,8 +971,8 @@ class MedMNISTDataset(ImageDataset):
         where = f"{self.path.name} {split}_images[{row}]"
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise DataError(f"{where}: contains NaN or Inf values")
-        if self._colour:
-            array = np.moveaxis(array, -1, 0)
+        if self._channel_last:
+            array = np.moveaxis(array[..., : self.in_channels], -1, 0)  # RGBA: alpha dropped
         else:
             array = array[None]
         mapped = map_intensity(array, self.intensity)
