@@ -92,7 +92,7 @@ def test_bad_smoothgrad_params(model):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", variant="median")
     with pytest.raises(ValueError, match="unknown method 'gradiant'"):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", base="gradiant")
-    with pytest.raises(ValueError, match="noise_level must be >= 0"):
+    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0"):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", noise_level=-1.0)
 
 
@@ -259,3 +259,8 @@ def test_tuple_output_is_a_model_error():
 
     with pytest.raises(ModelTypeError, match="must return a tensor"):
         trustmap.explain(Pair(), make_input(2, 1), "gradient")
+
+
+def test_nan_noise_level_is_not_blamed_on_the_model(model):
+    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0, got nan"):
+        trustmap.explain(model, make_input(2, 1), "smoothgrad", noise_level=float("nan"))

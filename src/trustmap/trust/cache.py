@@ -55,6 +55,9 @@ class Store:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     out = {k: data[k] for k in data.files}
+                # numpy hands back the raw bytes of a member that is not an .npy array.
+                if not out or not all(isinstance(v, np.ndarray) for v in out.values()):
+                    raise ValueError(f"{path} holds something other than arrays")
                 self.hits += 1
                 return out
             except _DAMAGED:
