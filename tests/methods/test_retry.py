@@ -76,3 +76,20 @@ def test_a_model_that_rejects_the_layout_still_works(method):
     x = make_input(2, 1, channels=2)
     attr = trustmap.explain(model, x, method, target=1, **PARAMS[method])
     assert attr.shape[2:] == x.shape[2:] and torch.isfinite(attr).all() and attr.abs().sum() > 0
+
+
+def test_lime_refuses_a_design_that_cannot_fit_in_memory():
+    # 10**9 coalitions of 4 segments: 100 GB of design and regression. Refused at once,
+    # before any allocation, naming the parameter and the memory it needs.
+    model = make_tiny(2).eval()
+    with pytest.raises(ValueError, match=r"n_samples=1000000000 with 4 segments needs about"):
+        trustmap.explain(
+            model,
+            make_input(2, 1),
+            "lime",
+            target=0,
+            n_samples=10**9,
+            segmentation="grid",
+            n_segments=4,
+            batch_size=8,
+        )

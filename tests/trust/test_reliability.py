@@ -246,7 +246,8 @@ def _stable(results_json: Path) -> dict:
 
 def _attempt(config: Path, kill_at: tuple[str, int | None] | None) -> bool:
     """Run the child; kill it (SIGKILL) at ``kill_at``. True if it was killed there."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     child = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("_interrupted_child.py")), str(config)],
         stdout=subprocess.PIPE,

@@ -54,6 +54,24 @@ FAITHFULNESS_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _config_errors(func: Any) -> Any:
+    """``func`` raising the documented types: a ConfigError for a bad value (a ValueError
+    or TypeError of the checks), a MissingFileError for a missing file."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TrustmapError:
+            raise
+        except FileNotFoundError as err:
+            raise MissingFileError(str(err)) from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
+
+    return wrapper
+
+
 @dataclass
 class ModelSpec:
     """One model role: an architecture trained with ``seeds`` (one model per seed), or
@@ -138,6 +156,7 @@ class TrustConfig:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
+    @_config_errors
     def from_preset(cls, name: str = "default", **overrides: Any) -> TrustConfig:
         """A preset, with top-level fields replaced by ``overrides``.
 
@@ -154,6 +173,7 @@ class TrustConfig:
         return cls.from_mapping(data, base=name)
 
     @classmethod
+    @_config_errors
     def from_mapping(cls, data: Mapping[str, Any], *, base: str | None = None) -> TrustConfig:
         """Build from a mapping (a parsed config file). Keys missing from ``data`` take the
         preset ``base`` (``data["preset"]``, else ``"default"``); nested tables are merged
@@ -195,15 +215,8 @@ class TrustConfig:
         built with their ``kwargs`` without allocating weights, and the randomization
         stages and ``layer`` parameters are looked up in them.
         """
-        try:
-            self._validate()
-            check_values(self)
-        except TrustmapError:
-            raise
-        except FileNotFoundError as err:
-            raise MissingFileError(str(err)) from None
-        except (ValueError, TypeError) as err:
-            raise ConfigError(str(err)) from None
+        _config_errors(self._validate)()
+        _config_errors(check_values)(self)
 
     def _validate(self) -> None:
         from trustmap.core.registry import list_methods
@@ -346,27 +359,33 @@ def load_config(path: str | Path, **overrides: Any) -> TrustConfig:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
+    kind = "TOML" if suffix == ".toml" else "YAML"
     try:
+        text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif suffix in (".yaml", ".yml"):
+            data = tomllib.loads(text)
+        else:
             import yaml
 
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        else:
-            raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+            data = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {err}") from None
     except Exception as err:
         if type(err).__module__.startswith("yaml"):
-            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         raise
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a table/mapping at the top level")
+        raise ConfigError(f"config file {path} must hold a table/mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrustConfig.from_mapping(data)
+    try:
+        return TrustConfig.from_mapping(data)
+    except TrustmapError as err:
+        # The same error type, naming the file the problem is in.
+        raise type(err)(f"{path}: {err}") from None
 
 
 # -- presets ------------------------------------------------------------------------------
