@@ -784,9 +784,11 @@ class RSNADataset(_DicomCsvDataset):
 class MedMNISTDataset(ImageDataset):
     """A MedMNIST ``.npz`` file: ``{train,val,test}_images`` and ``..._labels`` arrays.
 
-    Images are ``(N, H, W)`` (grey), ``(N, H, W, 3)`` (colour) or ``(N, D, H, W)`` (the 3D
+    Images are ``(N, H, W)`` (grey), channel-last ``(N, H, W, C)`` with C 1 (grey), 3
+    (colour) or 4 (RGBA, alpha dropped), or ``(N, D, H, W)`` / ``(N, D, H, W, 1)`` (the 3D
     sets); uint8 images map 0...255 to [0, 1] (other types by each image's min/max)
-    unless ``intensity`` says otherwise. Labels ``(N, 1)`` are class indices; multi-label
+    unless ``intensity`` says otherwise. Labels ``(N, 1)`` are class indices (at most
+    :data:`MAX_CLASSES` without ``classes=``); multi-label
     files (``(N, K)``, e.g. ChestMNIST) need ``label_column`` to pick the binary task.
     The split is the file's. There is no localization ground truth. A sample's ``row`` is
     its index within its split's arrays, its id ``<split>_<row>``.
