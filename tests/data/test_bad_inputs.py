@@ -372,3 +372,35 @@ def test_bad_dataset_card_values_name_the_key(tmp_path, key, value, message):
         open_dataset(root)
     assert "dataset.json" in str(info.value)
     documented(info)
+
+
+def test_jpeg2000_box_of_length_zero_does_not_hang(tmp_path):
+    # Found by `make fuzz`: pydicom walks the JP2 boxes by their lengths, and a box of
+    # length 0 before the codestream kept it in place forever.
+    import pydicom.data
+
+    source = Path(pydicom.data.__file__).parent / "test_files" / "GDCMJ2K_TextGBR.dcm"
+    raw = bytearray(source.read_bytes())
+    start = raw.find(b"\x00\x00\x00\x0cjP  \r\n\x87\n")
+    assert start > 0 and raw[start + 16 : start + 20] == b"ftyp"
+    raw[start + 12 : start + 16] = b"\x00\x00\x00\x00"  # the ftyp box's length
+    path = tmp_path / "j2k.dcm"
+    path.write_bytes(bytes(raw))
+    with deadline(20), pytest.raises(ValueError, match=r"j2k\.dcm: frame 0: the JPEG 2000 box"):
+        load(path)
+
+
+def test_nifti_unit_codes(tmp_path):
+    # Found by `make fuzz`: an unknown unit code made nibabel raise KeyError. The time
+    # code (bits 3-5 of xyzt_units) is not used; an unknown spatial code is refused.
+    path = nifti(tmp_path, "units")
+    raw = bytearray(path.read_bytes())
+    raw[123] = 2 | 0b111000  # mm, and a time code NIfTI does not define
+    path.write_bytes(bytes(raw))
+    image = load(path)
+    assert image.meta["spacing_units"] == "mm" and image.spacing == (1.0, 1.0, 2.0)
+    raw[123] = 5  # no such spatial unit
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"units\.nii: xyzt_units holds the unknown") as info:
+        load(path)
+    documented(info)

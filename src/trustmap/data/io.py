@@ -277,10 +277,7 @@ def save_map(
         matrix = np.eye(4)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        raise InputError(
-            f"affine must be a finite (4, 4) matrix, got "
-            f"{matrix.round(4).tolist()}"
-        )
+        raise InputError(f"affine must be a finite (4, 4) matrix, got {matrix.round(4).tolist()}")
 
     import nibabel as nib
 
@@ -386,8 +383,7 @@ def check_geometry(
     matrix = np.asarray(affine, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
         raise DataError(
-            f"{path}: {affine_field} must be a finite (4, 4) matrix, got "
-            f"{matrix.round(4).tolist()}"
+            f"{path}: {affine_field} must be a finite (4, 4) matrix, got {matrix.round(4).tolist()}"
         )
     columns = matrix[:3, :ndim]
     # Relative to the columns' own scale: 1e-6 mm voxels are odd, not singular.
@@ -531,6 +527,15 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types
         raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     zooms = tuple(float(z) for z in img.header.get_zooms())
+    # The spatial unit code is the low 3 bits of xyzt_units (the time code, which we do
+    # not use and nibabel's get_xyzt_units chokes on when unknown, is above them).
+    code = int(img.header["xyzt_units"]) & 0x07
+    spatial_units = _NIFTI_UNITS.get(code)
+    if spatial_units is None:
+        raise DataError(
+            f"{path}: xyzt_units holds the unknown spatial unit code {code} (NIfTI knows 0 "
+            "unknown, 1 m, 2 mm, 3 um)"
+        )
     # Trailing axes of size one (e.g. (X, Y, Z, 1)) carry nothing.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -548,7 +553,6 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
     if data.ndim not in (2, 3):
         raise DataError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
     array = np.ascontiguousarray(_to_float32(data, path).T)
-    spatial_units = img.header.get_xyzt_units()[0]
     spacing = zooms[: data.ndim][::-1]
     affine = np.asarray(img.affine, dtype=np.float64)
     check_geometry(
@@ -586,6 +590,10 @@ def _quiet_nibabel() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+#: NIfTI-1 spatial unit codes, with nibabel's names for them.
+_NIFTI_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
 
 
 def _check_nifti_pixdim(path: Path, header_class: Any, ndim: int) -> None:
@@ -770,6 +778,7 @@ def _require_pixels(ds: Any, path: Path) -> None:
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
     _require_pixels(ds, path)
+    _check_jpeg2000(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about fixable tag quirks
@@ -778,6 +787,51 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
         raise DataError(
             f"{path}: cannot decode the pixel data ({_syntax_name(ds)}): "
             f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+#: The JP2 file signature box (ISO/IEC 15444-1 Annex I.5.1) and the contiguous codestream
+#: box type.
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_JP2C = b"jp2c"
+
+
+def _check_jpeg2000(ds: Any, path: Path) -> None:
+    """Refuse JPEG 2000 frames whose JP2 header pydicom cannot walk.
+
+    pydicom 3.0 looks for the codestream by adding each box's length to its offset
+    (``pydicom.pixels.utils.get_j2k_parameters``); a box of length 0 other than the
+    codestream itself (legal only for the last box) never moves it on, and the read never
+    ends. Such a frame is reported instead, naming the file, frame and byte.
+    """
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    if ds.file_meta.get("TransferSyntaxUID") not in JPEG2000TransferSyntaxes:
+        return
+    from pydicom.encaps import generate_frames
+
+    n_frames = _integer(ds, "NumberOfFrames", 1) or 1
+    try:
+        for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames)):
+            if not frame.startswith(_JP2_SIGNATURE[:8]):
+                continue
+            offset = 12
+            while offset < len(frame):
+                length = int.from_bytes(frame[offset : offset + 4], byteorder="big")
+                if frame[offset + 4 : offset + 8] == _JP2C:
+                    break
+                if length == 0:
+                    raise DataError(
+                        f"{path}: frame {k}: the JPEG 2000 box at byte {offset} has length "
+                        "0 but is not the last (codestream) box; the pixel data is corrupt"
+                    )
+                offset += length
+    except DataError:
+        raise
+    except Exception as exc:  # pydicom's fragment parser on corrupt item tags or offsets
+        raise DataError(
+            f"{path}: the encapsulated pixel data cannot be split into frames "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
 
 
