@@ -404,3 +404,16 @@ def test_nifti_unit_codes(tmp_path):
     with pytest.raises(ValueError, match=r"units\.nii: xyzt_units holds the unknown") as info:
         load(path)
     documented(info)
+
+
+@pytest.mark.parametrize("text", ["   ,  \n", ",,,\n,\n", "\t,\r\n"])
+def test_csv_of_empty_fields_only(tmp_path, text):
+    # Found by `make fuzz`: a file of blanks and commas passed the emptiness check and
+    # ended in an AssertionError.
+    from trustmap.data.labels import parse_rsna
+
+    path = tmp_path / "stage_2_train_labels.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"labels\.csv: has no header row") as info:
+        parse_rsna(path)
+    documented(info)

@@ -124,7 +124,11 @@ def read_table(
             rows.append(CsvRow(line, values))
     except csv.Error as exc:
         raise DataError(f"{path} row {reader.line_num}: malformed CSV ({exc})") from exc
-    assert header is not None  # the text is not blank, so some row had a field
+    if header is None:  # only blank fields, e.g. a line of commas
+        raise DataError(
+            f"{path}: has no header row, only empty fields"
+            + (f"; expected columns {', '.join(required)}" if required else "")
+        )
     if not rows:
         raise DataError(f"{path}: has a header ({', '.join(header)}) but no data rows")
     return header, rows
