@@ -417,3 +417,17 @@ def test_csv_of_empty_fields_only(tmp_path, text):
     with pytest.raises(ValueError, match=r"labels\.csv: has no header row") as info:
         parse_rsna(path)
     documented(info)
+
+
+def test_medmnist_member_that_is_not_an_array(tmp_path):
+    # Found by `make fuzz`: numpy returns the raw bytes of a member that is not an .npy
+    # file, which then failed with AttributeError.
+    import zipfile
+
+    path = tmp_path / "m.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("train_images.npy", b"not an array")
+        archive.writestr("train_labels.npy", b"nor this")
+    with pytest.raises(ValueError, match=r"m\.npz: member 'train_images' is not a NumPy") as info:
+        open_dataset(path)
+    documented(info)

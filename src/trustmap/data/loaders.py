@@ -826,6 +826,10 @@ class MedMNISTDataset(ImageDataset):
             raise DataError(
                 f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})"
             ) from exc
+        for key, value in arrays.items():
+            # numpy hands back the raw bytes of a member that is not an .npy array.
+            if not isinstance(value, np.ndarray):
+                raise DataError(f"{path}: member {key!r} is not a NumPy array")
         present = [s for s in SPLITS if f"{s}_images" in arrays or f"{s}_labels" in arrays]
         if not present:
             raise DataError(
