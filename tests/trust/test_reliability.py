@@ -61,6 +61,9 @@ def params(method: str, **values: object) -> dict:
         ({"models": {"B": {"kwargs": {"widen_factor": "wide"}}}}, r"models.B.kwargs"),
         ({"postprocess": {"absolute": "no"}}, "absolute must be True or False, got 'no'"),
         ({"training": {"amp": "no"}}, "training.amp must be true or false"),
+        # Found by `make fuzz`: pathlib raised RuntimeError for a ~user that does not exist.
+        ({"dataset": "~nosuchuser19/data"}, "dataset: '~nosuchuser19/data' names a home"),
+        ({"out": "~nosuchuser19/out"}, "out: '~nosuchuser19/out' names a home"),
     ],
 )
 def test_values_are_checked_before_any_work(tmp_path, monkeypatch, overrides, message):

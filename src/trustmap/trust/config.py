@@ -224,6 +224,7 @@ class TrustConfig:
 
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset must be a phantom name or a path, got {self.dataset!r}")
+        _expanded(self.out, "out")
         _check_dataset(self.dataset)
         _check_keys("phantom", self.phantom, ["n", "size", "seed", "shortcut", "difficulty"])
         if self.size is not None:
@@ -283,7 +284,7 @@ class TrustConfig:
                         f"models.{role}.checkpoints: {count} needed, got {len(spec.checkpoints)}"
                     )
                 for path in spec.checkpoints:
-                    if not Path(path).expanduser().is_file():
+                    if not _expanded(path, f"models.{role}.checkpoints").is_file():
                         raise FileNotFoundError(f"models.{role}.checkpoints: no file {path}")
             elif len(spec.seeds) != count:
                 raise ValueError(f"models.{role}.seeds: {count} needed, got {spec.seeds!r}")
@@ -533,12 +534,22 @@ def _check_keys(where: str, data: Mapping[str, Any], allowed: list[str]) -> None
             raise ValueError(f"{where}: unknown key {key!r}{hint} (allowed: {', '.join(allowed)})")
 
 
+def _expanded(path: Any, key: str) -> Path:
+    """``path`` with ``~`` expanded; a ``~user`` that does not exist names the key."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"{key} must be a path, got {path!r}")
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise ConfigError(f"{key}: {path!r} names a home directory that does not exist") from None
+
+
 def _check_dataset(dataset: str) -> None:
     from trustmap.data.phantoms import PHANTOMS
 
     if dataset in PHANTOMS:
         return
-    path = Path(dataset).expanduser()
+    path = _expanded(dataset, "dataset")
     if not path.exists():
         close = difflib.get_close_matches(dataset, list(PHANTOMS), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -678,7 +689,7 @@ def _dataset_geometry(dataset: str) -> tuple[int, int]:
 
     if dataset in PHANTOMS and not Path(dataset).exists():
         return get_spec(dataset).spatial_dims, 1
-    card = Path(dataset).expanduser() / "dataset.json"
+    card = _expanded(dataset, "dataset") / "dataset.json"
     try:
         data = json.loads(card.read_text(encoding="utf-8"))
         dims, channels = int(data.get("spatial_dims", 2)), int(data.get("in_channels", 1))
