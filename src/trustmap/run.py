@@ -19,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustmap import __version__
 from trustmap.core.atomic import save_npy_atomic, write_text_atomic
 from trustmap.core.base import build
+from trustmap.core.hashing import array_hash, digest_of, weights_hash
 from trustmap.core.registry import get_method
-from trustmap.core.targets import TargetSpec
-from trustmap.core.validation import NotApplicableError, TrustmapWarning
+from trustmap.core.targets import TargetSpec, resolve_target
+from trustmap.core.validation import (
+    TrustmapWarning,
+    check_model_matches,
+    check_output,
+    model_mismatch,
+)
+from trustmap.errors import InputError, ModelError, NotApplicableError, TrustmapError
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class MethodResult:
     map_path: str | None
     overlay_path: str | None
     error: str | None = None
+    key: str | None = None
     skipped: str | None = None  # why the method cannot explain this model
     warnings: tuple[str, ...] = ()
 
@@ -59,8 +68,8 @@ class ImageSummary:
             "prediction": self.prediction,
             "probabilities": self.probabilities,
             "target": self.target,
-            "warnings": self.warnings,
             "methods": {k: _result_json(v) for k, v in self.methods.items()},
+            "warnings": self.warnings,
         }
 
 
@@ -87,17 +96,24 @@ def prepare_tensor(
     ``array`` is ``(H, W)`` or ``(D, H, W)`` for grey images, ``(C, H, W)`` when
     ``is_color``. ``normalize``: ``"none"``, ``"minmax"`` (to [0, 1]) or ``"zscore"``.
     ``size`` resizes the spatial axes (bilinear/trilinear) to what the model expects;
-    ``channels`` repeats a grey image for models that take several channels.
+    ``channels`` repeats a grey image for models that take several channels, and turns a
+    colour image grey (ITU-R BT.601 luma) for a model that takes one.
     """
-    t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)
-    t = t.unsqueeze(0) if is_color else t.unsqueeze(0).unsqueeze(0)
-    if t.shape[1] == 1 and channels > 1:
-        t = t.repeat(1, channels, *([1] * (t.ndim - 2)))
+    from trustmap.data.loaders import to_channels
+
+    channels = _positive(channels, "channels")
+    if normalize not in ("none", "minmax", "zscore"):
+        raise InputError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
+    grid = np.asarray(array, dtype=np.float32)
+    grid = grid if is_color else grid[None]
+    grid = to_channels(grid, channels, "the input", "the image")
+    t = torch.as_tensor(np.ascontiguousarray(grid)).unsqueeze(0)
     if size is not None:
         spatial = t.shape[2:]
         shape = (size,) * len(spatial) if isinstance(size, int) else tuple(size)
         if len(shape) != len(spatial):
-            raise ValueError(f"size {size} does not match the image's {len(spatial)} axes")
+            raise InputError(f"size {size} does not match the image's {len(spatial)} axes")
+        shape = tuple(_positive(n, "size") for n in shape)
         mode = "bilinear" if len(spatial) == 2 else "trilinear"
         t = F.interpolate(t, size=shape, mode=mode, align_corners=False)
     if normalize == "minmax":
@@ -106,9 +122,13 @@ def prepare_tensor(
     elif normalize == "zscore":
         sd = t.std()
         t = (t - t.mean()) / sd if sd > 0 else torch.zeros_like(t)
-    elif normalize != "none":
-        raise ValueError(f"normalize must be 'none', 'minmax' or 'zscore', got {normalize!r}")
     return t
+
+
+def _positive(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def explain_image(
@@ -127,27 +147,55 @@ def explain_image(
     """Run each method on ``x`` (batch 1) and write, per method, the raw map and an overlay,
     then ``summary.json`` (prediction, probabilities, methods, parameters, timings).
 
-    Every file is written atomically. A method that fails is recorded with its error and
-    the others still run. With ``resume=True`` methods whose map already exists (and is in
-    the previous summary) are not recomputed.
+    Every file is written atomically, and the output folder is locked for the run (see
+    :mod:`trustmap.core.lock`). The model, ``x`` and ``target`` are checked before any
+    method runs: a model that rejects ``x`` raises a :class:`~trustmap.errors.ModelError`
+    naming the layer, a target out of range an :class:`~trustmap.errors.InputError`. A
+    method that fails with a documented error (its parameters, or a model it cannot
+    handle) is recorded with its error and the others still run.
+
+    With ``resume=True`` a method is not recomputed when the previous ``summary.json``
+    records it under the same key, a hash of ``x`` (the input after loading, resizing and
+    normalizing), the model's weights, the method, its parameters, the target and the
+    source geometry, and its map and overlay files are intact. Anything else (another
+    input, other weights or parameters, a missing, truncated or damaged map, a damaged
+    ``summary.json``) is recomputed.
     """
-    from trustmap.data.io import save_map
-    from trustmap.viz.overlay import grid, overlay
+    from trustmap.core.lock import output_lock
 
     for method in methods:  # fail fast on unknown names, before any work
         get_method(method)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     params = params or {}
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        try:
-            logits = model(x)
-        finally:
-            model.train(was_training)
+    logits = _checked_forward(model, x)
     probs = _probabilities(logits)
+    try:
+        resolve_target(target, logits)
+    except TrustmapError as err:
+        raise InputError(f"target {target!r}: {err}") from None
+    out = Path(out_dir)
+    with output_lock(out):
+        return _explain_methods(
+            model, x, logits, probs, methods, out, name, target, params, like, resume, on_method
+        )
+
+
+def _explain_methods(
+    model: nn.Module,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    methods: Sequence[str],
+    out: Path,
+    name: str,
+    target: TargetSpec,
+    params: dict[str, dict[str, Any]],
+    like: Any,
+    resume: bool,
+    on_method: Callable[[str], None] | None,
+) -> ImageSummary:
+    from trustmap.data.io import save_map
     from trustmap.models.loading import input_range_warning
+    from trustmap.viz.overlay import grid, overlay
 
     range_warning = input_range_warning(model, x)
     previous = _previous(out / "summary.json") if resume else {}
@@ -161,35 +209,50 @@ def explain_image(
     )
     image = x[0].detach().cpu().numpy()
     is3d = x.ndim == 5
+    affine = _map_affine(like, x.shape[2:]) if is3d else None
+    base_key = {
+        "input": array_hash(x),
+        "weights": weights_hash(model),
+        "target": summary.target,
+        "affine": None if affine is None else np.asarray(affine).round(9).tolist(),
+        "trustmap": __version__,
+    }
     maps: dict[str, np.ndarray] = {}
     for method in methods:
         if on_method:
             on_method(method)
         map_path = out / f"{method}.{'nii.gz' if is3d else 'npy'}"
         png_path = out / f"{method}.png"
+        method_params = dict(params.get(method, {}))
+        key = digest_of(base_key, method, method_params)
         old = previous.get(method)
-        if resume and old and not old.get("error") and not old.get("skipped") and map_path.exists():
-            old = {**old, "warnings": tuple(old.get("warnings") or ())}
-            summary.methods[method] = MethodResult(**old)
-            maps[method] = _read_map(map_path)
-            continue
-        explainer = build(get_method(method), model, dict(params.get(method, {})))
+        if resume and isinstance(old, dict) and old.get("key") == key and not old.get("error"):
+            reused = _read_map(map_path, x) if png_path.is_file() else None
+            if reused is not None:
+                summary.methods[method] = _reused_result(old, method, key, map_path, png_path)
+                maps[method] = reused
+                continue
+        explainer = build(get_method(method), model, method_params)
         start = time.perf_counter()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", TrustmapWarning)
                 exp = explainer.explain(x, target=target)
         except NotApplicableError as err:  # this model is out of the method's reach
-            summary.methods[method] = MethodResult(method, 0.0, {}, None, None, skipped=str(err))
+            summary.methods[method] = MethodResult(
+                method, 0.0, {}, None, None, key=key, skipped=_brief(err)
+            )
             continue
-        except (ValueError, TypeError) as err:
-            summary.methods[method] = MethodResult(method, 0.0, {}, None, None, error=str(err))
+        except (ValueError, TypeError) as err:  # documented errors: the others still run
+            summary.methods[method] = MethodResult(
+                method, 0.0, {}, None, None, error=_brief(err), key=key
+            )
             continue
         notes = _trustmap_warnings(caught)
         seconds = time.perf_counter() - start
         attr = exp.attributions[0].detach().cpu().numpy()
         if is3d:
-            save_map(attr.sum(0), map_path, affine=_map_affine(like, x.shape[2:]))
+            save_map(attr.sum(0), map_path, affine=affine)
         else:
             save_npy_atomic(map_path, attr)
         overlay(image, attr, png_path, title=f"{method} ({seconds:.2f} s)", spatial_dims=x.ndim - 2)
@@ -200,6 +263,7 @@ def explain_image(
             _jsonable(exp.params),
             map_path.name,
             png_path.name,
+            key=key,
             warnings=notes,
         )
     if maps and not is3d:
@@ -219,6 +283,37 @@ def _trustmap_warnings(caught: list[warnings.WarningMessage]) -> tuple[str, ...]
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return tuple(notes)
+
+
+def _checked_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``x``; a model that rejects ``x`` raises a ModelError."""
+    check_model_matches(model, x)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(x)
+        except Exception as err:  # the user's model failed on this input: say which way
+            mismatch = model_mismatch(model, x, err)
+            if mismatch is not None:
+                raise mismatch from err
+            raise ModelError(
+                f"the model fails on the input of shape {tuple(x.shape)}: "
+                f"{type(err).__name__}: {_brief(err)}"
+            ) from err
+        finally:
+            model.train(was_training)
+    return check_output(logits, x.shape[0])
+
+
+def _brief(err: BaseException) -> str:
+    """An error message on one line; for TorchScript errors the line that names the cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if "TorchScript" in lines[0] and len(lines) > 1:
+        return lines[-1]
+    return " ".join(lines)
 
 
 def _map_affine(like: Any, spatial: Sequence[int]) -> np.ndarray | None:
@@ -250,20 +345,53 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _previous(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.exists():
+    """The methods of a previous ``summary.json``; empty if it is missing or damaged."""
+    if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())["methods"]
-    except (json.JSONDecodeError, KeyError):
+        methods = json.loads(path.read_text(encoding="utf-8"))["methods"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return {}
+    return methods if isinstance(methods, dict) else {}
 
 
-def _read_map(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path)
-    from trustmap.data.io import load
+def _read_map(path: Path, x: torch.Tensor) -> np.ndarray | None:
+    """A map written by an earlier run, or None when it is missing, damaged or does not fit
+    ``x`` (it is then recomputed)."""
+    if not path.is_file():
+        return None
+    spatial = tuple(x.shape[2:])
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            fits = array.ndim == x.ndim - 1 and array.shape[0] in (1, x.shape[1])
+            fits = fits and tuple(array.shape[1:]) == spatial
+        else:
+            from trustmap.data.io import load
 
-    return load(path).array
+            array = load(path).array
+            fits = tuple(array.shape) == spatial
+    except (OSError, ValueError, EOFError):
+        return None
+    if not fits or array.dtype.kind != "f" or not np.isfinite(array).all():
+        return None
+    return array
+
+
+def _reused_result(
+    old: dict[str, Any], method: str, key: str, map_path: Path, png_path: Path
+) -> MethodResult:
+    seconds = old.get("seconds")
+    params = old.get("params")
+    return MethodResult(
+        method,
+        float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+        params if isinstance(params, dict) else {},
+        map_path.name,
+        png_path.name,
+        key=key,
+        warnings=tuple(w for w in old.get("warnings") or () if isinstance(w, str)),
+    )
 
 
 def _result_json(r: MethodResult) -> dict[str, Any]:
@@ -276,6 +404,7 @@ def _result_json(r: MethodResult) -> dict[str, Any]:
         "error": r.error,
         "skipped": r.skipped,
         "warnings": list(r.warnings),
+        "key": r.key,
     }
 
 

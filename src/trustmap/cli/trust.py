@@ -16,6 +16,8 @@ from rich.table import Table
 
 from trustmap.cli._common import (
     busy_machine_advice,
+    check_out,
+    cli_errors,
     format_seconds,
     progress_bars,
     set_threads,
@@ -32,6 +34,7 @@ _MARK = {
 }
 
 
+@cli_errors
 def trust(
     out: Annotated[
         Path | None,
@@ -65,12 +68,8 @@ def trust(
     randomization, repeatability and reproducibility, each tested against its baselines,
     with a pass / did not pass / uncertain verdict per method. Writes results.json,
     per_image.csv, figures and a self-contained report.html into OUT."""
-    try:
-        with warnings_as_lines(console):
-            _trust(out, config, quick, full, method, n_images, device, threads)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+    with warnings_as_lines(console):
+        _trust(out, config, quick, full, method, n_images, device, threads)
 
 
 def _trust(
@@ -104,6 +103,7 @@ def _trust(
     else:
         preset = "quick" if quick else "full" if full else "default"
         cfg = TrustConfig.from_preset(preset, **overrides)
+    check_out(cfg.out)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
     set_threads(threads)

@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from trustmap.errors import InputError, InputTypeError
+
 if TYPE_CHECKING:
     from trustmap.core.base import Explainer
 
@@ -45,15 +47,15 @@ def register(
         ``"single"`` when it is one channel ``(B, 1, *spatial)`` (CAM methods).
     """
     if not name.isidentifier() or name.lower() != name:
-        raise ValueError(f"method name {name!r} must be snake_case")
+        raise InputError(f"method name {name!r} must be snake_case")
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if output not in ("input", "single"):
-        raise ValueError(f"output must be 'input' or 'single', got {output!r}")
+        raise InputError(f"output must be 'input' or 'single', got {output!r}")
 
     def decorator(cls: E) -> E:
         if name in _REGISTRY:
-            raise ValueError(
+            raise InputError(
                 f"explainer {name!r} is already registered by {_REGISTRY[name].__qualname__}"
             )
         cls.name = name
@@ -83,13 +85,13 @@ def get_method(name: str) -> type[Explainer]:
     """
     _ensure_methods_imported()
     if not isinstance(name, str):
-        raise TypeError(f"method name must be a string, got {type(name).__name__}")
+        raise InputTypeError(f"method name must be a string, got {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
     if key in _REGISTRY:
         return _REGISTRY[key]
     close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown method {name!r}{hint} (see trustmap.list_methods())")
+    raise InputError(f"unknown method {name!r}{hint} (see trustmap.list_methods())")
 
 
 def _ensure_methods_imported() -> None:

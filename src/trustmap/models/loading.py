@@ -39,6 +39,7 @@ from torch import nn
 
 from trustmap.core.hooks import hook_handles
 from trustmap.core.script import is_script_module, script_graph
+from trustmap.errors import InputError, MissingFileError, ModelError, ModelTypeError
 
 __all__ = ["LoadedModel", "input_range_warning", "open_model", "untrained_warning"]
 
@@ -62,25 +63,27 @@ def open_model(
 ) -> LoadedModel:
     """Load a model from ``spec`` (see the module docstring for the accepted forms).
 
-    Raises FileNotFoundError for a missing file and ValueError (TypeError for a factory
-    that returns something else than a module) naming the problem and what to pass
-    instead.
+    Raises :class:`~trustmap.errors.MissingFileError` for a missing file,
+    :class:`~trustmap.errors.InputError` for options that do not apply and
+    :class:`~trustmap.errors.ModelError` (:class:`~trustmap.errors.ModelTypeError` for a
+    factory that returns something else than a module) naming the problem and what to
+    pass instead.
     """
     text = os.fspath(spec)
     path = Path(text)
     if path.is_dir():
         if weights is not None or arch is not None:
-            raise ValueError("--weights and --arch do not apply to a MONAI bundle folder")
+            raise InputError("--weights and --arch do not apply to a MONAI bundle folder")
         return _bundle(path, device)
     if path.is_file():
         return _file(path, weights, device, arch)
     if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
         if arch is not None:
-            raise ValueError("--arch applies to a state dict file, not to a factory")
+            raise InputError("--arch applies to a state dict file, not to a factory")
         return _factory(text, weights, device)
     if path.suffix or os.sep in text:
-        raise FileNotFoundError(f"model file not found: {text}")
-    raise ValueError(
+        raise MissingFileError(f"model file not found: {text}")
+    raise InputError(
         f"model {text!r} is neither a file, a MONAI bundle folder nor "
         "'package.module:factory' (e.g. 'mypkg.models:build_classifier')"
     )
@@ -110,7 +113,7 @@ def _archive_kind(path: Path) -> str:
 def _file(path: Path, weights: Any, device: str, arch: str | None) -> LoadedModel:
     kind = _archive_kind(path)
     if kind in ("torchscript", "export") and (weights is not None or arch is not None):
-        raise ValueError(
+        raise ModelError(
             f"{path} is a complete {'TorchScript' if kind == 'torchscript' else 'torch.export'} "
             "model: --weights and --arch apply to state dicts and factories only"
         )
@@ -118,7 +121,7 @@ def _file(path: Path, weights: Any, device: str, arch: str | None) -> LoadedMode
         try:
             model = torch.jit.load(str(path), map_location=device)
         except RuntimeError as err:
-            raise ValueError(f"cannot read TorchScript file {path}: {_first_line(err)}") from None
+            raise ModelError(f"cannot read TorchScript file {path}: {_first_line(err)}") from None
         return _finish(model.eval(), "torchscript", str(path), device)
     if kind == "export":
         return _finish(_export(path, device), "export", str(path), device)
@@ -131,7 +134,7 @@ def _export(path: Path, device: str) -> nn.Module:
     try:
         program = torch.export.load(str(path))
     except Exception as err:  # torch raises several types for a damaged archive
-        raise ValueError(f"cannot read torch.export program {path}: {_first_line(err)}") from None
+        raise ModelError(f"cannot read torch.export program {path}: {_first_line(err)}") from None
     module = torch.export.unflatten(program)
     return module.to(device)
 
@@ -141,13 +144,13 @@ def _state_file(path: Path, weights: Any, device: str, arch: str | None) -> Load
     from trustmap.models.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
     if weights is not None:
-        raise ValueError(
+        raise ModelError(
             f"{path} holds weights itself; --weights applies to 'package.module:factory'"
         )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt file
-        raise ValueError(
+        raise ModelError(
             f"{path} is not a model file trustmap can read ({_first_line(err)}): save a "
             "TorchScript model (torch.jit.save), a torch.export program (torch.export.save), "
             "a trustmap checkpoint, or a state dict (torch.save(model.state_dict())) with "
@@ -155,19 +158,19 @@ def _state_file(path: Path, weights: Any, device: str, arch: str | None) -> Load
         ) from None
     if isinstance(state, Mapping) and state.get("format") == CHECKPOINT_FORMAT:
         if arch is not None and arch != state.get("arch"):
-            raise ValueError(
+            raise ModelError(
                 f"{path} is a trustmap checkpoint of {state.get('arch')!r}, not {arch!r}"
             )
         model, _ = load_checkpoint(path, map_location=device)
         return _finish(model, "checkpoint", str(path), device)
     tensors = _state_dict(state)
     if tensors is None:
-        raise ValueError(
+        raise ModelError(
             f"{path} holds a {type(state).__name__}, not a model: expected a TorchScript "
             "file, a torch.export program, a trustmap checkpoint or a state dict"
         )
     if arch is None:
-        raise ValueError(
+        raise ModelError(
             f"{path} is a state dict (weights without the architecture): pass --arch "
             f"(one of {', '.join(list_architectures())}), or --model package.module:factory "
             f"--weights {path}"
@@ -212,7 +215,7 @@ def _shapes_of(tensors: dict[str, torch.Tensor], arch: str) -> tuple[int, int, i
     kernels = [t for k, t in tensors.items() if k.endswith("weight") and t.ndim in (4, 5)]
     weights = [t for k, t in tensors.items() if k.endswith("weight") and t.ndim >= 2]
     if not kernels or not weights:
-        raise ValueError(
+        raise ModelError(
             f"the state dict has no convolution weights, so it cannot be a {arch}; "
             "pass --model package.module:factory --weights FILE for your own architecture"
         )
@@ -229,7 +232,7 @@ def _load_state(model: nn.Module, state: Mapping[str, Any], what: str, source: A
     except (RuntimeError, TypeError, KeyError) as err:
         problems = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()][:3]
         detail = "; ".join(problems) or _first_line(err)
-        raise ValueError(f"the weights in {source} do not fit {what}: {detail}") from None
+        raise ModelError(f"the weights in {source} do not fit {what}: {detail}") from None
 
 
 # -- MONAI bundles ------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def _bundle(folder: Path, device: str) -> LoadedModel:
     config = next((c for c in configs if c.is_file()), None)
     pt, ts = folder / "models" / "model.pt", folder / "models" / "model.ts"
     if config is None and not ts.is_file():
-        raise ValueError(
+        raise ModelError(
             f"{folder} is a folder but not a MONAI bundle: expected configs/inference.json "
             "(or .yaml) and models/model.pt; a model file or package.module:factory also works"
         )
@@ -255,7 +258,7 @@ def _bundle(folder: Path, device: str) -> LoadedModel:
                 str(folder),
                 device,
             )
-        raise FileNotFoundError(f"the MONAI bundle {folder} has no models/model.pt")
+        raise MissingFileError(f"the MONAI bundle {folder} has no models/model.pt")
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -266,20 +269,20 @@ def _bundle(folder: Path, device: str) -> LoadedModel:
             raise KeyError("network_def")
         model = parser.get_parsed_content("network_def", instantiate=True)
     except KeyError as err:
-        raise ValueError(
+        raise ModelError(
             f"{config} defines no {err.args[0]!r}; a bundle's network goes there"
         ) from None
     except Exception as err:  # MONAI wraps the user's config errors in several types
-        raise ValueError(f"cannot build the network of {config}: {_first_line(err)}") from None
+        raise ModelError(f"cannot build the network of {config}: {_first_line(err)}") from None
     if not isinstance(model, nn.Module):
-        raise TypeError(f"network_def of {config} is a {type(model).__name__}, not a module")
+        raise ModelTypeError(f"network_def of {config} is a {type(model).__name__}, not a module")
     try:
         state = torch.load(pt, map_location=device, weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt file
-        raise ValueError(f"cannot read weights {pt}: {_first_line(err)}") from None
+        raise ModelError(f"cannot read weights {pt}: {_first_line(err)}") from None
     tensors = _state_dict(state)
     if tensors is None:
-        raise ValueError(f"{pt} holds no state dict")
+        raise ModelError(f"{pt} holds no state dict")
     _load_state(model, tensors, f"network_def of {config.name}", pt)
     return _finish(model, "monai-bundle", str(folder), device)
 
@@ -308,30 +311,35 @@ def _factory(spec: str, weights: Any, device: str) -> LoadedModel:
         with _cwd_importable():
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ValueError(
+        raise ModelError(
             f"cannot import {module_name!r} for the model ({err}); it is looked up in the "
             f"current directory ({os.getcwd()}) and on PYTHONPATH: run trustmap from the "
             "folder that holds the package, or add that folder to PYTHONPATH"
         ) from None
     except ImportError as err:
-        raise ValueError(f"cannot import {module_name!r} for the model: {err}") from None
+        raise ModelError(f"cannot import {module_name!r} for the model: {err}") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise ValueError(f"{module_name!r} has no callable {attr!r}")
-    model = factory()
+        raise ModelError(f"{module_name!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: name it rather than print its traceback
+        raise ModelError(
+            f"the model factory {spec} raised {type(err).__name__}: {_first_line(err)}"
+        ) from err
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelTypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
         wpath = Path(weights)
         if not wpath.is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
+            raise MissingFileError(f"weights file not found: {weights}")
         try:
             state = torch.load(wpath, map_location=device, weights_only=True)
         except Exception as err:  # torch raises several types for a corrupt file
-            raise ValueError(f"cannot read weights {weights}: {_first_line(err)}") from None
+            raise ModelError(f"cannot read weights {weights}: {_first_line(err)}") from None
         tensors = _state_dict(state)
         if tensors is None:
-            raise ValueError(f"{weights} holds no state dict")
+            raise ModelError(f"{weights} holds no state dict")
         _load_state(model, tensors, spec, weights)
     loaded = _finish(model, "factory", spec, device)
     if weights is None and loaded.warnings == () and _factory_is_random(factory, model):

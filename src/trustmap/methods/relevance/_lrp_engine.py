@@ -44,7 +44,8 @@ from torch.overrides import TorchFunctionMode
 from trustmap.core.hooks import hook_handles
 from trustmap.core.script import compiled_kind
 from trustmap.core.targets import resolve_target
-from trustmap.core.validation import NotApplicableError, check_output
+from trustmap.core.validation import check_output
+from trustmap.errors import NotApplicableError
 from trustmap.methods.relevance import _canonizers as canon
 from trustmap.methods.relevance._composites import Composite
 from trustmap.methods.relevance._rules import CONSTANT_INPUTS, Rule, Term, safe_divide
