@@ -170,10 +170,11 @@ def _int(value: str, option: str) -> int:
 
 def _all_methods() -> list[str]:
     """What ``--method all`` means: every method that needs nothing trained beyond the
-    model (``cyclegan_am`` needs generators from ``trustmap counterfactual train``)."""
+    model (``cyclegan_am`` needs trained generators, ``ae_anomaly`` a trained autoencoder,
+    ``attention`` a model with trainable attention)."""
     from trustmap.core.registry import get_method, list_methods
 
-    return [m for m in list_methods() if get_method(m).family != "counterfactual"]
+    return [m for m in list_methods() if not get_method(m).needs]
 
 
 def _register_subcommands() -> None:

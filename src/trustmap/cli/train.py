@@ -40,7 +40,10 @@ def train(
     ] = "cxr-pneumothorax",
     arch: Annotated[
         str,
-        typer.Option(help="small_cnn, resnet18, densenet121; or unet, box_localizer"),
+        typer.Option(
+            help="small_cnn, attention_cnn, resnet18, densenet121; unet, attention_unet, "
+            "box_localizer; or autoencoder, vae (trained on the normal images)"
+        ),
     ] = "small_cnn",
     seed: Annotated[int, typer.Option(help="seeds weights, shuffling and augmentation")] = 0,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
@@ -113,6 +116,8 @@ def _train(
     max_minutes: float | None,
 ) -> None:
 
+    from trustmap.models.ae_training import train_autoencoder
+    from trustmap.models.autoencoders import AUTOENCODERS
     from trustmap.models.training import (
         LOCALIZERS,
         TrainConfig,
@@ -143,6 +148,8 @@ def _train(
         overrides["max_seconds"] = max_minutes * 60
     config = TrainConfig(**overrides)
     what = "localizer" if as_localizer else "classifier"
+    if arch in AUTOENCODERS:
+        what = "autoencoder (on the normal images)"
     console.print(
         f"training {what} [bold]{escape(arch)}[/] on {escape(str(dataset))} (seed {seed}) -> "
         f"{escape(str(out))}",
@@ -180,6 +187,8 @@ def _train(
                 bars.update(epoch_task, total=event.epoch, completed=event.epoch)
 
         trainer = train_localizer if as_localizer else train_classifier
+        if arch in AUTOENCODERS:
+            trainer = train_autoencoder
         result = trainer(dataset, arch, out=out, seed=seed, config=config, progress=on_event)
 
     card = result.card
@@ -191,11 +200,12 @@ def _train(
         highlight=False,
     )
     test = card.get("test", {})
-    keys = (
-        ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "mcc")
-        if card.get("kind") == "classifier"
-        else ("dice", "iou", "auprc")
-    )
+    keys = {
+        "classifier": ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1"),
+        "autoencoder": ("roc_auc", "auprc", "avg_auprc"),
+    }.get(card.get("kind"), ("dice", "iou", "auprc"))
+    if card.get("kind") == "classifier":
+        keys = (*keys, "mcc")
     for key in keys:
         metric = test.get(key)
         if isinstance(metric, dict) and metric.get("value") is not None:
