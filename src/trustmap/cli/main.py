@@ -182,6 +182,7 @@ def _register_subcommands() -> None:
     # modules themselves import torch and the data stack lazily inside their commands.
     from trustmap.cli.counterfactual import app as counterfactual_app
     from trustmap.cli.data import app as data_app
+    from trustmap.cli.inspect import inspect
     from trustmap.cli.train import train
     from trustmap.cli.trust import trust
 
@@ -189,6 +190,7 @@ def _register_subcommands() -> None:
     app.add_typer(counterfactual_app, name="counterfactual")
     app.command(name="train")(train)
     app.command(name="trust")(trust)
+    app.command(name="inspect")(inspect)
 
 
 _register_subcommands()

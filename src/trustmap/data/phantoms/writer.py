@@ -24,8 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import secrets
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from trustmap.core.atomic import atomic_directory
 from trustmap.data.phantoms._common import (
     IMAGE,
     LABEL_BLOCK,
@@ -550,16 +549,6 @@ def render_preview(
 # Directory
 
 
-def _temp_dir(out: Path) -> Path:
-    while True:
-        temp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            temp.mkdir()
-        except FileExistsError:
-            continue
-        return temp
-
-
 def write_dataset(
     spec: PhantomSpec,
     out: Path,
@@ -579,9 +568,7 @@ def write_dataset(
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Generate and write the dataset into ``out`` atomically (arguments already checked)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_dir(out)
-    try:
+    with atomic_directory(out, overwrite=overwrite) as temp:
         (temp / "images").mkdir()
         (temp / "masks").mkdir()
         for name in concept_names(spec, shortcut):
@@ -629,27 +616,4 @@ def write_dataset(
         chosen = _preview_indices(labels)
         cases = [render_case(spec, context, seed, i, int(labels[i]), shortcut) for i in chosen]
         render_preview(spec, cases, [str(splits[i]) for i in chosen], temp / "preview.png")
-        _replace_dir(temp, out, overwrite=overwrite)
-    except BaseException:
-        # BaseException: Ctrl-C must not leave a half-written dataset either.
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(temp: Path, out: Path, *, overwrite: bool) -> None:
-    """Move the finished ``temp`` onto ``out``; an old ``out`` is removed only afterwards."""
-    if not out.exists():
-        os.replace(temp, out)
-        return
-    if any(out.iterdir()) and not overwrite:
-        # Checked before generating too; something appeared meanwhile.
-        raise ValueError(f"{out} appeared while the dataset was written; not overwritten")
-    trash = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
-    os.replace(out, trash)
-    try:
-        os.replace(temp, out)
-    except BaseException:
-        os.replace(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
