@@ -7,6 +7,7 @@ The command is a plain function; the main app registers it with ``app.command()`
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import set_threads
 
 console = Console()
 
@@ -81,7 +82,10 @@ def inspect(
             list_layers=list_layers,
         )
     except (ValueError, TypeError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        # soft_wrap: the error stays one line however narrow the terminal.
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(str(err))}", highlight=False
+        )
         raise typer.Exit(2) from None
 
 
@@ -141,14 +145,13 @@ def _inspect(
         f"{escape(str(out))}",
         highlight=False,
     )
-    with progress_bars(console) as bars:
-        task = bars.add_task("setup", total=None)
+    started = time.perf_counter()
 
-        def on_stage(name: str, done: int, total: int) -> None:
-            bars.update(task, description=f"done: {name}")
+    def on_stage(name: str, done: int, total: int) -> None:
+        console.print(f"  {name:<28} {time.perf_counter() - started:7.1f} s", markup=False)
 
+    with console.status("inspecting"):
         result = inspect_model(net, dataset, config=config, info=info, progress=on_stage)
-        bars.update(task, description="writing", total=1, completed=1)
         write_inspection(result, out, overwrite=overwrite)
     _summary(result)
     console.print(

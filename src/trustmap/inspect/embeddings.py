@@ -233,6 +233,7 @@ def project(
     n_neighbors: int = 5,
     pca_components: int = 50,
     perplexity: float = 30.0,
+    max_iter: int = 1000,
     n_jobs: int | None = None,
 ) -> Projection:
     """Project features to 2D with ``"pca"``, ``"tsne"`` or ``"umap"`` (seeded).
@@ -241,7 +242,8 @@ def project(
     grows with the dimension; Huff et al. 2021 suggest it). The trustworthiness at
     ``n_neighbors`` (scikit-learn's ``trustworthiness``) is computed against the full
     features. UMAP needs the optional ``umap-learn`` package; without it a ValueError says
-    how to install it.
+    how to install it. ``max_iter`` (at least 250) are t-SNE's gradient steps
+    (scikit-learn's default 1000).
     """
     from sklearn.decomposition import PCA
     from sklearn.manifold import trustworthiness
@@ -266,8 +268,14 @@ def project(
 
             perp = float(min(perplexity, (n - 1) / 3))
             params["perplexity"] = perp
+            params["max_iter"] = int(max_iter)
             coords = TSNE(
-                n_components=2, perplexity=perp, init="pca", random_state=seed, n_jobs=n_jobs
+                n_components=2,
+                perplexity=perp,
+                init="pca",
+                random_state=seed,
+                max_iter=int(max_iter),
+                n_jobs=n_jobs,
             ).fit_transform(reduced)
         else:
             try:

@@ -153,6 +153,36 @@ def _load_model(path: str | os.PathLike[str], device: str) -> tuple[nn.Module, d
     return load_checkpoint(file, map_location=device)
 
 
+def _check_layers(net: nn.Module, layers: tuple[str, ...], table: tuple[Any, ...]) -> None:
+    """Every layer exists (else the closest names) and has a spatial output."""
+    spatial = [i.name for i in table if i.spatial]
+    for layer in layers:
+        resolve_layer(net, layer)
+        if layer not in spatial:
+            shape = next((i.shape for i in table if i.name == layer), None)
+            raise ValueError(
+                f"layer {layer!r} outputs {shape} per image, without spatial axes; feature maps "
+                f"and dissection need a layer with a spatial feature map, e.g. {spatial[-1]!r}"
+            )
+
+
+def _recorded_dataset(info: dict[str, Any]) -> str:
+    """The dataset a checkpoint was trained on: the folder in its model card when it still
+    exists, else the dataset name it records (a phantom name)."""
+    import json
+
+    path = info.get("path")
+    card = Path(path).parent / "model_card.json" if path else None
+    if card is not None and card.is_file():
+        folder = (json.loads(card.read_text()).get("dataset") or {}).get("path")
+        if folder and Path(folder).is_dir():
+            return str(folder)
+    name = (info.get("extra") or {}).get("dataset")
+    if name is None:
+        raise ValueError("the checkpoint records no dataset; pass --dataset")
+    return str(name)
+
+
 def _default_layers(model: nn.Module, table: Sequence[Any]) -> tuple[str, ...]:
     """The last two blocks with spatial output at different resolutions: for small_cnn
     ``features.block4`` and ``features.block3``. A block is a module whose children are
@@ -225,10 +255,12 @@ def inspect_model(
         net, info = _load_model(model, cfg.device)
     extra = info.get("extra") or {}
     if dataset is None:
-        dataset = extra.get("dataset")
-        if dataset is None:
-            raise ValueError("the checkpoint records no dataset; pass --dataset")
+        dataset = _recorded_dataset(info)
     size = extra.get("input_size")
+    if size and cfg.layers:
+        # Check the layers before the data are read: a typo fails at once.
+        probe = torch.zeros((1, int(info.get("in_channels", 1)), *size))
+        _check_layers(net, tuple(cfg.layers), tuple(layer_table(net, probe)))
     ds = open_training_dataset(dataset)
     data = prepare_data(ds, TrainConfig(size=tuple(size) if size else None))
     if data.spatial_dims != info.get(
@@ -246,16 +278,7 @@ def inspect_model(
     layers = tuple(cfg.layers) if cfg.layers else _default_layers(net, table)
     if not layers:
         raise ValueError("the model has no layer with a spatial output to inspect")
-    spatial_names = {i.name for i in table if i.spatial}
-    for layer in layers:
-        resolve_layer(net, layer)
-        if layer not in spatial_names:
-            shape = next((i.shape for i in table if i.name == layer), None)
-            raise ValueError(
-                f"layer {layer!r} outputs {shape} per image, without spatial axes; feature maps "
-                "and dissection need a layer with a spatial feature map, e.g. "
-                f"{sorted(spatial_names)[-1]!r}"
-            )
+    _check_layers(net, layers, table)
     concept_source = cfg.concepts
     concepts = None
     if concept_source is not None or (
