@@ -78,7 +78,7 @@ class ActivationBatch:
 
     index: np.ndarray
     inputs: torch.Tensor
-    outputs: torch.Tensor
+    outputs: torch.Tensor | None
     activations: dict[str, torch.Tensor]
 
 
@@ -87,12 +87,13 @@ class Activations:
     """Activations of several layers over a dataset (:func:`extract`).
 
     ``values[name]`` is ``(N, ...)`` on the CPU (reduced as asked); ``outputs`` the
-    model's outputs ``(N, ...)``; ``index`` the dataset positions in order.
+    model's outputs ``(N, ...)`` (None when the passes stopped after the layers);
+    ``index`` the dataset positions in order.
     """
 
     layers: tuple[str, ...]
     values: dict[str, torch.Tensor]
-    outputs: torch.Tensor
+    outputs: torch.Tensor | None
     index: np.ndarray
     reduce: str = "none"
     meta: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +104,7 @@ class Activations:
         return self.values[layer]
 
     def __len__(self) -> int:
-        return int(self.outputs.shape[0])
+        return len(self.index)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,11 +264,21 @@ def _reduce(value: torch.Tensor, reduce: Reduce, rank: int) -> torch.Tensor:
     return value.mean(dims) if reduce == "mean" else value.amax(dims)
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once every requested layer has run."""
+
+
 @contextlib.contextmanager
 def _capture(
-    model: nn.Module, layers: Sequence[str], store: dict[str, torch.Tensor], keep_grad: bool
+    model: nn.Module,
+    layers: Sequence[str],
+    store: dict[str, torch.Tensor],
+    keep_grad: bool,
+    stop: bool = False,
 ) -> Iterator[None]:
-    """Hooks that write the last output (or input) of each layer into ``store``."""
+    """Hooks that write the last output (or input) of each layer into ``store``; with
+    ``stop`` the forward pass ends (raising :class:`_Stop`) as soon as every layer has
+    run once."""
     targets = [(layer, *_split_name(layer)) for layer in layers]
     modules = {layer: resolve_layer(model, layer) for layer in layers}
 
@@ -284,8 +295,14 @@ def _capture(
             if read_input:
                 # The module may modify its input in place (ReLU(inplace=True)): keep a copy.
                 store[layer] = value.clone() if keep_grad else value.detach().clone()
+                if stop and len(store) == len(layers):
+                    raise _Stop
                 return None
             store[layer] = value if keep_grad else value.detach()
+            if stop and len(store) == len(layers):
+                # Nothing after this layer is needed: the clone below would be wasted too.
+                store[layer] = store[layer].clone()
+                raise _Stop
             if isinstance(output, torch.Tensor):
                 # Hand a copy on, so that an in-place operation downstream cannot overwrite
                 # the stored activation (and its gradient still flows).
@@ -312,7 +329,9 @@ def iter_activations(
     batch_size: int = 64,
     indices: Sequence[int] | np.ndarray | None = None,
     grad: bool = False,
+    outputs: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    _checked: torch.Tensor | None = None,
 ) -> Iterator[ActivationBatch]:
     """Yield the activations of ``layers`` batch by batch, in one pass over ``data``.
 
@@ -331,6 +350,10 @@ def iter_activations(
     grad
         Keep the graph: activations require grad (for gradient x activation); otherwise
         the pass runs under ``torch.no_grad``.
+    outputs
+        False ends each forward pass as soon as every requested layer has run once (the
+        rest of the model is not computed; ``ActivationBatch.outputs`` is then None). A
+        module that runs twice per pass is then read at its first call.
     progress
         Called as ``progress(done, total)`` after each batch.
 
@@ -344,18 +367,22 @@ def iter_activations(
         raise ValueError("no layer requested")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    images = as_images(data)
+    images = _checked if _checked is not None else as_images(data)
     idx = np.arange(images.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
     device = _model_device(model)
     dtype = _model_dtype(model, images)
     store: dict[str, torch.Tensor] = {}
     mode = torch.enable_grad() if grad else torch.no_grad()
-    with model_guard(model), _capture(model, layers, store, keep_grad=grad):
+    with model_guard(model), _capture(model, layers, store, keep_grad=grad, stop=not outputs):
         for done, start in enumerate(range(0, len(idx), batch_size), start=1):
             chunk = idx[start : start + batch_size]
-            x = images[torch.as_tensor(chunk)].to(device=device, dtype=dtype)
+            if indices is None:
+                x = images[start : start + batch_size].to(device=device, dtype=dtype)
+            else:
+                x = images[torch.as_tensor(chunk)].to(device=device, dtype=dtype)
             store.clear()
-            with mode:
+            out = None
+            with mode, contextlib.suppress(_Stop):
                 out = model(x)
             missing = [layer for layer in layers if layer not in store]
             if missing:
@@ -363,7 +390,7 @@ def iter_activations(
                     f"layer(s) {missing} did not run during the forward pass; pick layers on "
                     "the path from the input to the output"
                 )
-            if not isinstance(out, torch.Tensor):
+            if outputs and not isinstance(out, torch.Tensor):
                 raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
             yield ActivationBatch(
                 index=chunk, inputs=x, outputs=out, activations={k: store[k] for k in layers}
@@ -381,6 +408,7 @@ def extract(
     reduce: Reduce = "none",
     indices: Sequence[int] | np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
+    outputs: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Activations:
     """Activations of ``layers`` for every image of ``data``, in one batched pass.
@@ -390,26 +418,30 @@ def extract(
     feature map over its spatial axes to ``(N, K)`` (global average / max pooling), and
     ``"flatten"`` gives ``(N, K * prod(s))``; non-spatial activations are flattened; a
     callable maps each batch's ``(B, ...)`` activation to ``(B, ...)``. Values are stored
-    on the CPU as ``dtype``.
+    on the CPU as ``dtype``. ``outputs=False`` skips the part of the model after the
+    layers (see :func:`iter_activations`).
     """
     if isinstance(reduce, str) and reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
     names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    outputs: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
     order: list[np.ndarray] = []
-    rank = as_images(data).ndim - 2
+    images = as_images(data)
+    rank = images.ndim - 2
     for batch in iter_activations(
-        model, data, names, batch_size=batch_size, indices=indices, progress=progress
-    ):
+        model, data, names, batch_size=batch_size, indices=indices, outputs=outputs,
+        progress=progress, _checked=images,
+    ):  # fmt: skip
         for name in names:
             parts[name].append(_reduce(batch.activations[name], reduce, rank).to("cpu", dtype))
-        outputs.append(batch.outputs.detach().to("cpu", dtype))
+        if batch.outputs is not None:
+            outs.append(batch.outputs.detach().to("cpu", dtype))
         order.append(batch.index)
     return Activations(
         layers=tuple(names),
         values={n: torch.cat(v) for n, v in parts.items()},
-        outputs=torch.cat(outputs),
+        outputs=torch.cat(outs) if outs else None,
         index=np.concatenate(order),
         reduce=reduce if isinstance(reduce, str) else getattr(reduce, "__name__", "callable"),
     )

@@ -25,6 +25,7 @@ batch).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -68,6 +69,11 @@ class ConceptMasks:
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
+
+    @functools.cached_property
+    def area(self) -> torch.Tensor:
+        """Pixels of each concept summed over all images ``(C,)``, float64."""
+        return torch.count_nonzero(self.masks.flatten(2), dim=(0, 2)).double()
 
 
 def concept_masks(masks: Mapping[str, Any], *, source: str = "arrays") -> ConceptMasks:
@@ -436,13 +442,15 @@ def dissect(
         raise ValueError(
             f"concept masks have {len(resolution)} spatial axes but the images {images.ndim - 2}"
         )
-    area = torch.count_nonzero(cm.masks.flatten(2), dim=(0, 2)).double()
+    area = cm.area
     empty = [name for name, a in zip(cm.names, area) if a == 0]
     if empty:
         raise ValueError(f"concept(s) {empty} are empty on every image; remove them")
     started = time.perf_counter()
-    # The only pass over the data: activations at the layer's (small) resolution.
-    acts = extract(model, images, [layer], batch_size=batch_size, progress=progress)[layer]
+    # The only pass over the data, up to the layer: activations at its (small) resolution.
+    acts = extract(model, images, [layer], batch_size=batch_size, outputs=False, progress=progress)[
+        layer
+    ]
     require_spatial(layer, acts, images, "network dissection")
     passed = time.perf_counter()
     units = acts.shape[1]
