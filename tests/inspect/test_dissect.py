@@ -54,16 +54,17 @@ class Fixed(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("shape", "size"), [((8, 8), (32, 32)), ((5, 7), (20, 21)), ((3, 4, 4), (9, 12, 12))]
+    ("shape", "size", "n_concepts"),
+    [((8, 8), (32, 32), 3), ((5, 7), (20, 21), 10), ((3, 4, 4), (9, 12, 12), 3)],
 )
-def test_iou_equals_the_brute_force_reference(shape, size):
+def test_iou_equals_the_brute_force_reference(shape, size, n_concepts):
     gen = torch.Generator().manual_seed(0)
     n, units = 12, 6
     acts = torch.randn(n, units, *shape, generator=gen, dtype=torch.float64)
-    masks = torch.rand(n, 3, *size, generator=gen) > 0.7
+    masks = torch.rand(n, n_concepts, *size, generator=gen) > 0.7
     model = Fixed(acts).double()
     x = torch.arange(n, dtype=torch.float64).view(n, 1, *([1] * len(shape))).expand(n, 1, *size)
-    cm = concept_masks({f"c{i}": masks[:, i] for i in range(3)})
+    cm = concept_masks({f"c{i}": masks[:, i] for i in range(n_concepts)})
     for quantile in (0.005, 0.05):
         result = dissect(model, x.clone(), cm, layer="feat", quantile=quantile, batch_size=5)
         expected = reference_iou(acts.numpy(), masks.numpy(), quantile)

@@ -71,9 +71,26 @@ class ConceptMasks:
         return int(self.masks.shape[0])
 
     @functools.cached_property
+    def codes(self) -> tuple[torch.Tensor, ...]:
+        """The masks packed 8 concepts to a byte: per group of 8, ``(N * S,)`` uint8 with
+        bit ``j`` set where concept ``8 g + j`` is present."""
+        flat = self.masks.flatten(2)  # (N, C, S)
+        out = []
+        for first in range(0, flat.shape[1], 8):
+            code = torch.zeros(flat.shape[0], flat.shape[2], dtype=torch.uint8)
+            for bit, c in enumerate(range(first, min(first + 8, flat.shape[1]))):
+                code |= flat[:, c].to(torch.uint8) << bit
+            out.append(code.flatten())
+        return tuple(out)
+
+    @functools.cached_property
     def area(self) -> torch.Tensor:
         """Pixels of each concept summed over all images ``(C,)``, float64."""
         return torch.count_nonzero(self.masks.flatten(2), dim=(0, 2)).double()
+
+
+# _HAS_BIT[j]: the byte values (0-255) with bit j set.
+_HAS_BIT = [torch.tensor([v for v in range(256) if v >> j & 1]) for j in range(8)]
 
 
 def concept_masks(masks: Mapping[str, Any], *, source: str = "arrays") -> ConceptMasks:
@@ -302,10 +319,11 @@ def _fired_pixels(
 
     With an integer scale factor ``f`` per axis the output is a grid of cells of ``f``
     pixels per axis between neighbouring samples (the edges, which repeat the border
-    sample, too): every cell is the same small product of per-axis weights with its
-    ``2^d`` corner samples. A pixel is a convex combination of its corners, so only cells
-    with a corner above the threshold can fire, and only those are interpolated. Other
-    scale factors upsample every map whole.
+    sample, too): every pixel of a cell is the same fixed combination of the cell's
+    ``2^d`` corner samples, so all the pixels of many cells are one matrix product
+    ``(cells, 2^d) @ (2^d, f^d)``. A pixel is a convex combination of its corners, so only
+    cells with a corner above the threshold can fire, and only those are interpolated.
+    Other scale factors upsample every map whole.
     """
     _, *shape = maps.shape
     shape = tuple(shape)
@@ -317,50 +335,97 @@ def _fired_pixels(
     # o = ceil((f - 1) / 2); its corners are samples c and c + 1 of the map padded by one
     # replicated sample at each end, and output j of the cell has weight frac_j on c + 1.
     offsets = [math.ceil((f - 1) / 2) for f in factors]
-    weights = []
+    axis_weights = []
     for f, o in zip(factors, offsets):
         frac = (torch.arange(f, dtype=torch.float64) + o + 0.5) / f - 0.5
-        weights.append(torch.stack([1 - frac, frac], 1).to(maps.dtype))
-    padded = maps
-    for axis in range(1, rank + 1):
-        n = padded.shape[axis]
-        padded = torch.cat([padded.narrow(axis, 0, 1), padded, padded.narrow(axis, n - 1, 1)], axis)
+        axis_weights.append(torch.stack([1 - frac, frac], 0))  # (2, f)
+    # (2^d, f^d): weight of each corner (bits: upper sample per axis) on each cell pixel.
+    weights = axis_weights[0]
+    for w in axis_weights[1:]:
+        weights = (weights[:, None, :, None] * w[None, :, None, :]).reshape(
+            weights.shape[0] * 2, -1
+        )
+    weights = weights.to(maps.dtype)
+    padded = F.pad(maps[:, None], [1, 1] * rank, mode="replicate")[:, 0]
     corner_max = padded
     for axis in range(1, rank + 1):
         n = corner_max.shape[axis]
         corner_max = torch.maximum(
             corner_max.narrow(axis, 0, n - 1), corner_max.narrow(axis, 1, n - 1)
         )
-    cells = torch.nonzero(corner_max > thresholds.view(-1, *([1] * rank)))
+    active = corner_max > thresholds.view(-1, *([1] * rank))
+    which, cell = torch.nonzero(active.flatten(1), as_tuple=True)
+    # Flat offsets of the 2^d corners of a cell in the flattened padded map.
+    padded_shape = padded.shape[1:]
+    pad_strides = [math.prod(padded_shape[a + 1 :]) for a in range(rank)]
+    cell_grid = corner_max.shape[1:]
+    cell_strides = [math.prod(cell_grid[a + 1 :]) for a in range(rank)]
+    base = torch.zeros_like(cell)
+    rest = cell
+    for a in range(rank):
+        coord = torch.div(rest, cell_strides[a], rounding_mode="floor")
+        rest = rest - coord * cell_strides[a]
+        base += coord * pad_strides[a]
+    corner_offsets = torch.tensor(
+        [
+            sum(((bits >> (rank - 1 - a)) & 1) * pad_strides[a] for a in range(rank))
+            for bits in range(2**rank)
+        ]
+    )
+    flat_padded = padded.reshape(padded.shape[0], -1)
+    corners = flat_padded[which[:, None], base[:, None] + corner_offsets]  # (cells, 2^d)
+    # Within a cell the upsampled map is multilinear in the pixel's fractions, so its
+    # largest value is at one of the cell's 2^d extreme pixels: keep the cells where one
+    # of those fires (exactly the cells with a pixel above the threshold).
+    extreme_pixels = torch.tensor(
+        [
+            sum(
+                (factors[a] - 1 if (e >> (rank - 1 - a)) & 1 else 0) * math.prod(factors[a + 1 :])
+                for a in range(rank)
+            )
+            for e in range(2**rank)
+        ]
+    )
+    peak = (corners @ weights[:, extreme_pixels]).amax(1)
+    keep = peak > thresholds[which]
+    which, cell, corners = which[keep], cell[keep], corners[keep]
+    # The flat output pixel of each (cell, pixel of the cell), -1 outside the output.
+    table = _cell_pixel_table(tuple(cell_grid), tuple(factors), tuple(offsets), tuple(size))
     found_map, found_pixel = [], []
-    strides = [math.prod(size[a + 1 :]) for a in range(rank)]
-    chunk = max(1, 2**21 // math.prod(factors))
-    for start in range(0, cells.shape[0], chunk):
-        part = cells[start : start + chunk]
-        which = part[:, 0]
-        lo = [part[:, 1 + a] for a in range(rank)]  # padded index = cell + 1
-        window = [lo[a][:, None] + torch.arange(2) for a in range(rank)]
-        index: list[torch.Tensor] = [which.view(-1, *([1] * rank))]
-        for a in range(rank):
-            shape_a = [-1] + [1] * rank
-            shape_a[1 + a] = 2
-            index.append(window[a].view(shape_a))
-        corners = padded[tuple(index)]  # (K, 2, ..., 2)
-        values = _contract(corners, weights)  # (K, f_1, ..., f_d)
-        fired = values > thresholds[which].view(-1, *([1] * rank))
-        cell, *within = torch.nonzero(fired, as_tuple=True)
-        pixel = torch.zeros_like(cell)
-        inside = torch.ones_like(cell, dtype=torch.bool)
-        for a in range(rank):
-            coord = (lo[a][cell] - 1) * factors[a] + offsets[a] + within[a]
-            inside &= (coord >= 0) & (coord < size[a])
-            pixel += coord * strides[a]
-        found_map.append(which[cell[inside]])
+    chunk = max(1, 2**21 // weights.shape[1])
+    for start in range(0, len(which), chunk):
+        w_idx = which[start : start + chunk]
+        values = corners[start : start + chunk] @ weights  # (cells, f^d)
+        hit_cell, hit_pixel = torch.nonzero(values > thresholds[w_idx, None], as_tuple=True)
+        pixel = table[cell[start + hit_cell], hit_pixel]
+        inside = pixel >= 0
+        found_map.append(w_idx[hit_cell[inside]])
         found_pixel.append(pixel[inside])
     if not found_map:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
     return torch.cat(found_map), torch.cat(found_pixel)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_pixel_table(
+    cell_grid: tuple[int, ...],
+    factors: tuple[int, ...] | list[int],
+    offsets: tuple[int, ...] | list[int],
+    size: tuple[int, ...],
+) -> torch.Tensor:
+    """``(cells, f^d)``: the flat output index of each pixel of each cell (cells and their
+    pixels in row-major order), -1 where the pixel lies outside the output."""
+    rank = len(cell_grid)
+    grids = torch.meshgrid(*[torch.arange(n) for n in cell_grid], indexing="ij")
+    within = torch.meshgrid(*[torch.arange(f) for f in factors], indexing="ij")
+    flat = torch.zeros(math.prod(cell_grid), math.prod(factors), dtype=torch.long)
+    inside = torch.ones_like(flat, dtype=torch.bool)
+    for a in range(rank):
+        coord = (grids[a].reshape(-1, 1) - 1) * factors[a] + offsets[a] + within[a].reshape(1, -1)
+        inside &= (coord >= 0) & (coord < size[a])
+        flat = flat * size[a] + coord
+    return torch.where(inside, flat, torch.full_like(flat, -1))
 
 
 def _fired_dense(
@@ -462,13 +527,20 @@ def dissect(
     unit_area = torch.zeros(units, dtype=torch.float64)
     candidates = peaks > thresholds[None]
     b_idx, u_idx = torch.nonzero(candidates, as_tuple=True)
-    labels_flat = cm.masks.flatten(2)  # (N, C, S) bool
     pair, pixel = _fired_pixels(acts[b_idx, u_idx], thresholds[u_idx], resolution)
     # Every fired pixel (few: a unit is above its threshold at a small share of the
     # positions) adds its image's concept labels at that pixel to its unit's row.
     unit = u_idx[pair]
     unit_area += torch.bincount(unit, minlength=units).double()
-    inter.index_add_(0, unit, labels_flat[b_idx[pair], :, pixel].double())
+    # Each pixel's concepts are packed into one byte per 8 concepts: one gather and one
+    # histogram of (unit, byte) per group instead of a gather per concept.
+    where = b_idx[pair] * math.prod(resolution) + pixel
+    for group, codes in enumerate(cm.codes):
+        hist = torch.bincount(unit * 256 + codes[where].long(), minlength=units * 256)
+        hist = hist.view(units, 256).double()
+        first = 8 * group
+        for bit in range(min(8, len(cm.names) - first)):
+            inter[:, first + bit] = hist[:, _HAS_BIT[bit]].sum(1)
     union = unit_area[:, None] + area[None] - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter)).numpy()
     best = iou.argmax(1) if len(cm.names) else np.zeros(units, int)
