@@ -131,7 +131,7 @@ def _train(
         arch = "unet"  # the classifier default means "not chosen" here
     as_localizer = localizer or arch in LOCALIZERS
     if localizer and arch not in LOCALIZERS:
-        raise ValueError(f"--localizer trains unet or box_localizer, not {arch!r}")
+        raise ValueError(f"--localizer trains unet, attention_unet or box_localizer, not {arch!r}")
     overrides: dict[str, Any] = {"device": device, "model_kwargs": model_args, "amp": amp}
     for name, value in (
         ("epochs", epochs),
