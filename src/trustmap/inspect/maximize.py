@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trustmap.core.hooks import model_guard
@@ -104,6 +105,7 @@ def _ascend(
     blur_sigma: float,
     bounds: tuple[float, float] | None,
     seed: int,
+    coarse: int = 1,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, float]:
     """Gradient ascent on ``target(image)`` (a scalar) with the regularizers."""
     _check("steps", steps, integer=True, positive=True)
@@ -112,17 +114,33 @@ def _ascend(
         _check(name, value)
     _check("jitter", jitter, integer=True)
     _check("blur_every", blur_every, integer=True)
+    _check("coarse", coarse, integer=True, positive=True)
     gen = torch.Generator().manual_seed(int(seed))
-    image = start.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([image], lr=lr)
+    spatial = tuple(start.shape[2:])
+    rank = len(spatial)
+    base = start.detach()
+    if coarse > 1:
+        # The image is the start plus a coarse offset, upsampled: no detail finer than
+        # ``coarse`` pixels can appear (a smoothness prior on what the ascent adds).
+        low = tuple(-(-n // coarse) for n in spatial)
+        variable = torch.zeros((*base.shape[:2], *low), dtype=base.dtype, device=base.device)
+    else:
+        variable = base.clone()
+    variable.requires_grad_(True)
+
+    def render(v: torch.Tensor) -> torch.Tensor:
+        image = base + upsample_to_channels(v, spatial) if coarse > 1 else v
+        return image.clamp(bounds[0], bounds[1]) if bounds is not None and coarse > 1 else image
+
+    opt = torch.optim.Adam([variable], lr=lr)
     curve, score = [], []
-    rank = image.ndim - 2
     for step in range(steps):
         shifts = (
             tuple(int(s) for s in torch.randint(-jitter, jitter + 1, (rank,), generator=gen))
             if jitter
             else (0,) * rank
         )
+        image = render(variable)
         moved = torch.roll(image, shifts=shifts, dims=tuple(range(2, image.ndim)))
         value = target(moved)
         objective = value
@@ -130,20 +148,27 @@ def _ascend(
             objective = objective - l2 * (image - center).pow(2).mean()
         if tv:
             objective = objective - tv * _total_variation(image)
-        (grad,) = torch.autograd.grad(objective, image)
+        (grad,) = torch.autograd.grad(objective, variable)
         curve.append(float(objective.detach()))
         score.append(float(value.detach()))
         opt.zero_grad(set_to_none=True)
-        image.grad = -grad  # Adam minimises
+        variable.grad = -grad  # Adam minimises
         opt.step()
         with torch.no_grad():
-            if blur_every and blur_sigma > 0 and (step + 1) % blur_every == 0:
-                image.copy_(gaussian_blur(image, blur_sigma))
-            if bounds is not None:
-                image.clamp_(bounds[0], bounds[1])
+            if coarse == 1 and blur_every and blur_sigma > 0 and (step + 1) % blur_every == 0:
+                variable.copy_(gaussian_blur(variable, blur_sigma))
+            if coarse == 1 and bounds is not None:
+                variable.clamp_(bounds[0], bounds[1])
     with torch.no_grad():
-        final = float(target(image.detach()))
-    return image.detach(), np.asarray(curve), np.asarray(score), final
+        image = render(variable).detach()
+        final = float(target(image))
+    return image, np.asarray(curve), np.asarray(score), final
+
+
+def upsample_to_channels(v: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear (trilinear) upsampling of ``(B, C, *s)`` to ``spatial``, channel by channel."""
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    return F.interpolate(v, size=spatial, mode=mode, align_corners=False)
 
 
 def _as_start(
@@ -208,11 +233,12 @@ def maximize(
     steps: int = 128,
     lr: float = 0.05,
     l2: float = 1.0,
-    center: float = 0.0,
+    center: float | torch.Tensor = 0.0,
     tv: float = 1.0,
     jitter: int = 2,
     blur_every: int = 4,
     blur_sigma: float = 0.5,
+    coarse: int = 1,
     bounds: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> Maximization:
@@ -234,12 +260,18 @@ def maximize(
     steps, lr
         Adam steps on the image, and the step size.
     l2, center
-        ``l2 * mean((I - center)^2)`` is subtracted (Simonyan et al.'s ``lambda ||I||^2``).
+        ``l2 * mean((I - center)^2)`` is subtracted (Simonyan et al.'s ``lambda ||I||^2``);
+        ``center`` is a number or an image (e.g. the mean training image).
     tv
         ``tv * mean(|grad I|^2)`` is subtracted.
     jitter, blur_every, blur_sigma
         Random shift of up to ``jitter`` pixels per axis before each step; a Gaussian blur
         of ``blur_sigma`` pixels every ``blur_every`` steps (0: never).
+    coarse
+        Optimize a ``coarse`` times smaller offset added to the start image (upsampled
+        bilinearly) instead of every pixel: a smoothness prior that keeps the ascent from
+        writing high-frequency patterns (Olah et al. 2017's parameterizations); blur is
+        then not applied.
     bounds
         Clamp the image to ``(low, high)`` after every step (e.g. the data's range).
     seed
@@ -249,8 +281,14 @@ def maximize(
         raise ValueError("give either target (a class) or layer (a hidden unit), not both")
     if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
         raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+    if isinstance(center, torch.Tensor):
+        center_value = float(center.mean())
+    else:
+        center_value = float(center)
     with model_guard(model):
-        x0 = _as_start(model, start, shape, center, seed)
+        x0 = _as_start(model, start, shape, center_value, seed)
+        if isinstance(center, torch.Tensor):
+            center = center.to(x0).reshape(x0.shape[1:])[None]
         if target is not None:
             with torch.no_grad():
                 out = check_output(model(x0), 1).reshape(1, -1)
@@ -281,12 +319,14 @@ def maximize(
             blur_sigma=blur_sigma,
             bounds=bounds,
             seed=seed,
+            coarse=coarse,
         )
     params = {
         "steps": steps,
         "lr": lr,
         "l2": l2,
-        "center": center,
+        "center": center if isinstance(center, float | int) else "image",
+        "coarse": coarse,
         "tv": tv,
         "jitter": jitter,
         "blur_every": blur_every,

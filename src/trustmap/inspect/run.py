@@ -286,7 +286,12 @@ def inspect_model(
     ):
         concepts = ti.load_concepts(ds, folder=concept_source, size=data.spatial)
     else:
-        notes.append("no concept masks (no concepts/ folder, no --concepts): dissection skipped")
+        notes.append(
+            f"no concept masks: {ds.root or data.name} has no concepts/ folder and no "
+            "--concepts was given, so the dissection was skipped (phantoms written before "
+            "trustmap generated concept masks have none: pass --dataset with the phantom's "
+            "name, or regenerate it with trustmap data make)"
+        )
     step("setup")
 
     filt = ti.filters(net)
@@ -384,16 +389,22 @@ def inspect_model(
         step(f"dissection_{layer}")
 
     train_images = images[data.split["train"]]
-    center = float(train_images.mean())
+    mean_image = train_images.mean(0)
     low, high = float(train_images.min()), float(train_images.max())
+    coarse = max(1, min(data.spatial) // 8)
     maximizations, max_labels = [], []
     for cls in range(len(data.classes)):
+        # From the mean training image, a coarse offset pulled towards it: what each class
+        # adds to an average case, at the scale of anatomy rather than of texture.
         maximizations.append(
             ti.maximize(
                 net,
                 target=cls,
-                shape=tuple(images.shape[1:]),
-                center=center,
+                start=mean_image,
+                center=mean_image,
+                l2=10.0,
+                tv=0.0,
+                coarse=coarse,
                 bounds=(low, high),
                 steps=cfg.steps,
                 seed=cfg.seed,
