@@ -22,7 +22,15 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/trustmap trust --out $(OUT)
 
-test: $(VENV)/.installed-dev
+# The browser tests drive Debian's Chromium with Playwright (never `playwright install`).
+# Installed when missing; if that fails, the browser tests fail and say so.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
+	|| echo "warning: could not install chromium; the browser tests will fail saying so" >&2
+
+test: $(VENV)/.installed-dev $(CHROMIUM)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest -q -n 2
 

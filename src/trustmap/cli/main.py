@@ -183,11 +183,13 @@ def _register_subcommands() -> None:
     from trustmap.cli.counterfactual import app as counterfactual_app
     from trustmap.cli.data import app as data_app
     from trustmap.cli.inspect import inspect
+    from trustmap.cli.study import app as study_app
     from trustmap.cli.train import train
     from trustmap.cli.trust import trust
 
     app.add_typer(data_app, name="data")
     app.add_typer(counterfactual_app, name="counterfactual")
+    app.add_typer(study_app, name="study")
     app.command(name="train")(train)
     app.command(name="trust")(trust)
     app.command(name="inspect")(inspect)

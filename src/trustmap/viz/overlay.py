@@ -65,6 +65,7 @@ def overlay(
     percentile: float = 99.0,
     spatial_dims: int | None = None,
     spacing: Sequence[float] | None = None,
+    bare: bool = False,
 ) -> Figure:
     """Draw ``attribution`` over ``image`` with a colour bar; volumes go to :func:`montage`.
 
@@ -94,6 +95,9 @@ def overlay(
         2 or 3 to override the shape inference.
     spacing:
         Voxel size per spatial axis, for the aspect ratio (a ``LoadedImage`` brings its own).
+    bare:
+        Draw the picture alone: no colour bar, no title, no text (a blinded reader study
+        must not show scales or notes that tell methods apart).
 
     Returns
     -------
@@ -111,13 +115,17 @@ def overlay(
             cmap=cmap,
             percentile=percentile,
             spacing=spacing,
+            bare=bare,
         )
     style = _Style.of(attr, signed, alpha, cmap, percentile)
-    fig = _new_figure((5.5, 5.0))
+    fig = _new_figure((4.0, 4.0) if bare else (5.5, 5.0))
     ax = fig.add_subplot()
     mappable = _draw(ax, img, attr, style, aspect=spacing[0] / spacing[1])
-    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04, label=style.label)
-    _finish(fig, style.title(title), path)
+    if bare:
+        ax.set_axis_off()
+    else:
+        fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04, label=style.label)
+    _finish(fig, None if bare else style.title(title), path)
     return fig
 
 
@@ -133,6 +141,7 @@ def montage(
     percentile: float = 99.0,
     spacing: Sequence[float] | None = None,
     at: Sequence[int] | None = None,
+    bare: bool = False,
 ) -> Figure:
     """Axial, coronal and sagittal planes of a 3D map over its volume, with one colour bar.
 
@@ -143,7 +152,8 @@ def montage(
     The colour limits come from the whole volume, so the three panels share one scale.
 
     Other parameters are as for :func:`overlay`; ``spacing`` is ``(D, H, W)`` voxel size
-    for the aspect ratios.
+    for the aspect ratios. ``bare`` leaves out the colour bar, the titles and the plane
+    names.
     """
     img, attr, spacing = _prepare(volume, attribution, 3, spacing)
     if at is None:
@@ -165,9 +175,13 @@ def montage(
     for ax, (name, index, aspect, origin) in zip(axes, planes):
         under = img[index] if img is not None else None
         mappable = _draw(ax, under, attr[index], style, aspect=aspect, origin=origin)
-        ax.set_title(name)
-    fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, label=style.label)
-    _finish(fig, style.title(title), path)
+        if bare:
+            ax.set_axis_off()
+        else:
+            ax.set_title(name)
+    if not bare:
+        fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, label=style.label)
+    _finish(fig, None if bare else style.title(title), path)
     return fig
 
 
