@@ -143,24 +143,30 @@ def plot_feature_maps(
     return fig
 
 
-def plot_activation_maps(
-    images: np.ndarray, maps: np.ndarray, layer: str, path: PathLike = None
-) -> Any:
-    """Images ``(B, C, *s)`` with ``maps`` ``(B, 1, *s)`` over them."""
+def _overlays(images: np.ndarray, maps: np.ndarray, title: str, path: PathLike) -> Any:
+    """Images ``(B, C, *s)`` with ``maps`` ``(B, 1, *s)`` over them (3D: the slice through
+    each map's maximum)."""
     n = len(images)
     fig = _new_figure((3.0 * n, 3.2))
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, img, m in zip(axes, images, maps):
-        plane = _plane(m[0])
-        under = (
-            img[0]
-            if img[0].ndim == 2
-            else img[0][int(np.unravel_index(np.argmax(m[0]), m[0].shape)[0])]
-        )
+        volume = m[0]
+        if volume.ndim == 3:
+            z = int(np.unravel_index(np.argmax(volume), volume.shape)[0])
+            plane, under = volume[z], img[0][z]
+        else:
+            plane, under = volume, img[0]
         _draw(ax, under, plane, _Style.of(plane, False, 0.5, None, 99.0))
         ax.set_axis_off()
-    _finish(fig, f"Mean activation of {layer}, upsampled to the input", path)
+    _finish(fig, title, path)
     return fig
+
+
+def plot_activation_maps(
+    images: np.ndarray, maps: np.ndarray, layer: str, path: PathLike = None
+) -> Any:
+    """Images ``(B, C, *s)`` with a layer's activation maps ``(B, 1, *s)`` over them."""
+    return _overlays(images, maps, f"Mean activation of {layer}, upsampled to the input", path)
 
 
 def plot_projection(projection: Any, embedding: Any, path: PathLike = None) -> Any:
@@ -272,49 +278,32 @@ def plot_influence(table: Any, path: PathLike = None) -> Any:
 
 
 def plot_maximization(results: Sequence[Any], labels: Sequence[str], path: PathLike = None) -> Any:
-    """Each maximized image (and its change from the start), and the objective curves."""
+    """Per result: the image, its change from the start, and the target score (solid) and
+    regularized objective (dashed) at every step."""
     n = len(results)
-    fig = _new_figure((3.2 * (n + 1), 6.2))
-    axes = fig.subplots(2, n + 1, squeeze=False)
+    fig = _new_figure((3.4 * n, 9.6))
+    axes = fig.subplots(3, n, squeeze=False)
     for i, (res, label) in enumerate(zip(results, labels)):
         _grey(axes[0, i], _plane(res.image[0]))
         axes[0, i].set_title(label, fontsize=9)
         change = _plane(res.change[0])
         lim = float(np.abs(change).max()) or 1.0
         axes[1, i].imshow(change, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        axes[1, i].set_title("change from start", fontsize=8)
+        axes[1, i].set_title("change from start (red brighter)", fontsize=8)
         axes[0, i].set_axis_off()
         axes[1, i].set_axis_off()
-    curve_ax = axes[0, n]
-    score_ax = axes[1, n]
-    for j, (res, label) in enumerate(zip(results, labels)):
-        colour = _COLOURS[j % len(_COLOURS)]
-        curve_ax.plot(res.curve, color=colour, label=label)
-        score_ax.plot(res.score, color=colour, label=label)
-    curve_ax.set_title("regularized objective", fontsize=9)
-    score_ax.set_title("target score", fontsize=9)
-    score_ax.set_xlabel("step")
-    curve_ax.legend(fontsize=7)
+        ax = axes[2, i]
+        ax.plot(res.score, color=_COLOURS[0], label="target")
+        ax.plot(res.curve, color=_COLOURS[1], ls="--", label="objective")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
     _finish(fig, "Activation maximization", path)
     return fig
 
 
 def plot_attention(images: np.ndarray, maps: np.ndarray, path: PathLike = None) -> Any:
     """Images with the model's attention maps over them."""
-    n = len(images)
-    fig = _new_figure((3.0 * n, 3.2))
-    axes = np.atleast_1d(fig.subplots(1, n))
-    for ax, img, m in zip(axes, images, maps):
-        plane = _plane(m[0])
-        under = (
-            img[0]
-            if img[0].ndim == 2
-            else img[0][int(np.unravel_index(np.argmax(m[0]), m[0].shape)[0])]
-        )
-        _draw(ax, under, plane, _Style.of(plane, False, 0.5, None, 99.0))
-        ax.set_axis_off()
-    _finish(fig, "Attention maps (1 = uniform attention)", path)
-    return fig
+    return _overlays(images, maps, "Attention maps (1 = uniform attention)", path)
 
 
 def plot_cohort(cohort: Any, path: PathLike = None, *, template: np.ndarray | None = None) -> Any:
