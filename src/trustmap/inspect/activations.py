@@ -40,6 +40,7 @@ __all__ = [
     "Activations",
     "LayerInfo",
     "as_images",
+    "batch_of_one",
     "extract",
     "iter_activations",
     "layer_table",
@@ -204,6 +205,17 @@ def layer_table(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
                 handles.append(module.register_forward_hook(make_hook(name, module)))
         model(x.to(device=device, dtype=_model_dtype(model, x)))
     return [found[n] for n in order]
+
+
+def batch_of_one(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """``image`` with a batch axis: ``(C, *s)`` and ``(1, C, *s)`` are told apart by the
+    spatial rank of the model's first convolution ((C, D, H, W) is one volume for a 3D
+    model, one batch of 2D images otherwise)."""
+    rank = next(
+        (m.weight.ndim - 2 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))),
+        image.ndim - 1 if image.ndim == 4 else image.ndim - 2,
+    )
+    return image[None] if image.ndim == rank + 1 else image
 
 
 def penultimate_layer(model: nn.Module, example: torch.Tensor) -> str:

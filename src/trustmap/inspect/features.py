@@ -24,6 +24,7 @@ from torch import nn
 from trustmap.core.batching import upsample_to
 from trustmap.inspect.activations import (
     as_images,
+    batch_of_one,
     iter_activations,
     layer_table,
     require_spatial,
@@ -142,7 +143,7 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layer: str) -> FeatureMa
     Raises a ValueError for a layer without spatial output (a linear layer) or a batch of
     more than one image.
     """
-    x = as_images(_batch_of_one(model, image))
+    x = as_images(batch_of_one(model, image))
     if x.shape[0] != 1:
         raise ValueError(f"feature_maps explains one image; got a batch of {x.shape[0]}")
     batch = next(iter_activations(model, x, [layer], batch_size=1))
@@ -157,17 +158,6 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layer: str) -> FeatureMa
         slices = flat.argmax(1)
         planes = np.stack([maps[k, z] for k, z in enumerate(slices)])
     return FeatureMaps(layer=layer, maps=maps, planes=planes, slices=slices, peak=peak)
-
-
-def _batch_of_one(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """``image`` with a batch axis: ``(C, *s)`` and ``(1, C, *s)`` are told apart by the
-    spatial rank of the model's first convolution ((C, D, H, W) is one volume for a 3D
-    model, one batch of 2D images otherwise)."""
-    rank = next(
-        (m.weight.ndim - 2 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))),
-        image.ndim - 1 if image.ndim == 4 else image.ndim - 2,
-    )
-    return image[None] if image.ndim == rank + 1 else image
 
 
 def default_rate_layers(model: nn.Module, example: torch.Tensor) -> list[str]:

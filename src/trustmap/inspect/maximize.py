@@ -32,7 +32,13 @@ from torch import nn
 
 from trustmap.core.hooks import model_guard
 from trustmap.core.validation import check_output
-from trustmap.inspect.activations import _capture, _model_device, _model_dtype, require_spatial
+from trustmap.inspect.activations import (
+    _capture,
+    _model_device,
+    _model_dtype,
+    batch_of_one,
+    require_spatial,
+)
 from trustmap.methods.gradient.integrated_gradients import gaussian_blur
 
 __all__ = ["Maximization", "deep_dream", "maximize"]
@@ -180,7 +186,7 @@ def _as_start(
 ) -> torch.Tensor:
     device, dtype = _model_device(model), _model_dtype(model, torch.zeros(()))
     if isinstance(start, torch.Tensor):
-        x = start if start.ndim in (4, 5) else start[None]
+        x = batch_of_one(model, start)
         if x.shape[0] != 1 or not x.is_floating_point() or not bool(torch.isfinite(x).all()):
             raise ValueError(
                 "start must be one finite float image (C, *spatial) or (1, C, *spatial), "
@@ -288,7 +294,7 @@ def maximize(
     with model_guard(model):
         x0 = _as_start(model, start, shape, center_value, seed)
         if isinstance(center, torch.Tensor):
-            center = center.to(x0).reshape(x0.shape[1:])[None]
+            center = batch_of_one(model, center.to(x0))
         if target is not None:
             with torch.no_grad():
                 out = check_output(model(x0), 1).reshape(1, -1)
@@ -366,7 +372,7 @@ def deep_dream(
     ``channel`` of it) enhance what it detects, by gradient ascent on its activation
     starting from the image (Mordvintsev et al. 2015; Borys et al. 2023). ``l2`` pulls
     towards the original image's mean. See :func:`maximize` for the other parameters."""
-    x = image if image.ndim in (4, 5) else image[None]
+    x = batch_of_one(model, image)
     center = float(x.mean())
     return maximize(
         model,
