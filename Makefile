@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 OUT ?= demo_out
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,12 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/methods.py
 
+# Coverage-guided fuzzing (atheris) of every reader, FUZZ_SECONDS per target (default 600);
+# findings in fuzz_out/<target>/findings, a table at the end. `make test` runs a short,
+# seeded burst of the same targets.
+FUZZ_SECONDS ?= 600
+fuzz: $(VENV)/.installed-dev
+	$(PY) -m tests.fuzz.campaign --seconds $(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(OUT) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(OUT) .pytest_cache build *.egg-info src/*.egg-info fuzz_out

@@ -200,8 +200,10 @@ def test_torchscript_model(tmp_path, image):
             str(out),
         ],
     )
-    # gradient works on TorchScript; guided backprop refuses it, recorded, exit code 1
-    assert result.exit_code == 1, result.output
+    # gradient works on TorchScript; guided backprop refuses it: recorded, one line on
+    # stderr, the exit status of user errors
+    assert result.exit_code == 2, result.output
+    assert "error: guided_backprop:" in result.stderr and "TorchScript" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["gradient"]["error"] is None
     assert "TorchScript" in summary["methods"]["guided_backprop"]["error"]

@@ -92,7 +92,7 @@ def test_bad_smoothgrad_params(model):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", variant="median")
     with pytest.raises(ValueError, match="unknown method 'gradiant'"):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", base="gradiant")
-    with pytest.raises(ValueError, match="noise_level must be >= 0"):
+    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0"):
         trustmap.explain(model, make_input(2, 1), "smoothgrad", noise_level=-1.0)
 
 
@@ -184,3 +184,83 @@ def test_segmentation_targets():
 def test_callable_target_with_wrong_shape(model):
     with pytest.raises(ValueError, match="callable target must map the output"):
         trustmap.explain(model, make_input(2, 2), "gradient", target=lambda out: out)
+
+
+# -- issue 19: the documented hierarchy, and model/input mismatches named -----------------
+
+
+def test_documented_hierarchy_keeps_the_builtin_types():
+    from trustmap import errors
+
+    for cls in (errors.InputError, errors.DataError, errors.ConfigError, errors.ModelError):
+        assert issubclass(cls, errors.TrustmapError) and issubclass(cls, ValueError)
+    assert issubclass(errors.InputTypeError, TypeError)
+    assert issubclass(errors.ModelTypeError, TypeError)
+    assert issubclass(errors.MissingFileError, FileNotFoundError)
+    assert issubclass(errors.OutputBusyError, errors.InputError)
+    from trustmap.methods.relevance.lrp import UnsupportedLayerError
+    from trustmap.metrics import EmptyMaskError
+
+    assert issubclass(EmptyMaskError, errors.DataError)
+    assert issubclass(UnsupportedLayerError, errors.ModelError)
+
+
+def test_input_errors_are_documented_types(model):
+    from trustmap.errors import InputError, InputTypeError
+
+    with pytest.raises(InputError):
+        trustmap.explain(model, torch.zeros(16, 16), "gradient")
+    with pytest.raises(InputTypeError):
+        trustmap.explain(model, [[0.0]], "gradient")
+    with pytest.raises(InputError, match="did you mean"):
+        trustmap.get_method("gradcam")
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.zeros(1, 3, 16, 16), r"layer 'conv1' \(Conv2d\) expects 1 input channel"),
+        (torch.zeros(1, 1, 16, 16, 16), r"the model is 2D .* the input is .*3D"),
+    ],
+)
+@pytest.mark.parametrize("method", ["gradient", "grad_cam", "occlusion"])
+def test_channel_and_rank_mismatch_name_the_layer(model, x, match, method):
+    from trustmap.errors import ModelError
+
+    with pytest.raises(ModelError, match=match):
+        trustmap.explain(model, x, method)
+    assert_no_hooks(model)
+
+
+def test_a_bug_inside_the_model_is_not_dressed_up(model):
+    class Buggy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            raise RuntimeError("my own bug")
+
+    with pytest.raises(RuntimeError, match="my own bug"):
+        trustmap.explain(Buggy(), make_input(2, 1), "gradient")
+
+
+def test_tuple_output_is_a_model_error():
+    from trustmap.errors import ModelTypeError
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            y = self.c(x).mean((2, 3))
+            return y, y
+
+    with pytest.raises(ModelTypeError, match="must return a tensor"):
+        trustmap.explain(Pair(), make_input(2, 1), "gradient")
+
+
+def test_nan_noise_level_is_not_blamed_on_the_model(model):
+    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0, got nan"):
+        trustmap.explain(model, make_input(2, 1), "smoothgrad", noise_level=float("nan"))

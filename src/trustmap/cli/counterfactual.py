@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import cli_errors, progress_bars, set_threads
 
 app = typer.Typer(
     help="Counterfactual explanations by cycle-consistent activation maximization (paper 002).",
@@ -111,6 +111,7 @@ def _print_evaluation(ev: Any) -> None:
 
 
 @app.command()
+@cli_errors
 def train(
     classifier: Annotated[Path, typer.Option(help="classifier checkpoint (model.pt or its dir)")],
     out: Annotated[Path, typer.Option(help="output directory (resumes a run found there)")],
@@ -187,6 +188,7 @@ def train(
 
 
 @app.command()
+@cli_errors
 def evaluate(
     classifier: Annotated[Path, typer.Option(help="classifier checkpoint (model.pt or its dir)")],
     generators: Annotated[Path, typer.Option(help="training directory or its generators.pt")],
@@ -220,6 +222,7 @@ def evaluate(
 
 
 @app.command()
+@cli_errors
 def demo(
     out: Annotated[Path, typer.Option(help="output directory (reuses what is already there)")],
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = 2,

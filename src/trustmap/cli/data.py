@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from trustmap.cli._common import progress_bars
+from trustmap.cli._common import check_out, cli_errors, progress_bars
 
 app = typer.Typer(
     help="Make datasets: procedural phantoms with exact ground truth.",
@@ -55,6 +55,7 @@ def _parse_difficulty(text: str | None) -> float | str | None:
 
 
 @app.command()
+@cli_errors
 def make(
     name: Annotated[
         str,
@@ -93,30 +94,27 @@ def make(
     from trustmap.data.phantoms import make_dataset
 
     console = Console()
-    try:
-        size_value = _parse_size(size)
-        with progress_bars(console) as bar:
-            task = bar.add_task(f"making {name}", total=None)
+    check_out(out)
+    size_value = _parse_size(size)
+    with progress_bars(console) as bar:
+        task = bar.add_task(f"making {name}", total=None)
 
-            def report(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
 
-            path = make_dataset(
-                name,
-                out,
-                n=n,
-                size=size_value,
-                seed=seed,
-                shortcut=shortcut,
-                difficulty=_parse_difficulty(difficulty),
-                template=template,
-                overwrite=overwrite,
-                progress=report,
-                workers=workers,
-            )
-    except (ValueError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(2) from None
+        path = make_dataset(
+            name,
+            out,
+            n=n,
+            size=size_value,
+            seed=seed,
+            shortcut=shortcut,
+            difficulty=_parse_difficulty(difficulty),
+            template=template,
+            overwrite=overwrite,
+            progress=report,
+            workers=workers,
+        )
     card = json.loads((path / "dataset.json").read_text())
     typer.echo(f"wrote {path} (dataset.json, DATASET_CARD.md, manifest.csv, boxes.csv)")
     names = card["classes"]

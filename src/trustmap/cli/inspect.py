@@ -15,11 +15,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trustmap.cli._common import set_threads
+from trustmap.cli._common import check_out, cli_errors, set_threads
+from trustmap.errors import InputError
 
 console = Console()
 
 
+@cli_errors
 def inspect(
     model: Annotated[Path, typer.Argument(help="model.pt (or its run folder) from trustmap train")],
     out: Annotated[
@@ -61,32 +63,25 @@ def inspect(
     penultimate features with kNN outlier scores, network dissection against the dataset's
     concept masks, the units that drive the positive class, class-model visualization and
     Deep Dream, attention maps of attention models and, for 3D data, a cohort map."""
-    try:
-        _inspect(
-            model=model,
-            out=out,
-            dataset=dataset,
-            layers=layer,
-            concepts=concepts,
-            n_images=n_images,
-            n_embed=n_embed,
-            projections=projection,
-            steps=steps,
-            cohort_method=cohort_method,
-            quantile=quantile,
-            iou_threshold=iou_threshold,
-            seed=seed,
-            device=device,
-            threads=threads,
-            overwrite=overwrite,
-            list_layers=list_layers,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # soft_wrap: the error stays one line however narrow the terminal.
-        Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]error:[/] {escape(str(err))}", highlight=False
-        )
-        raise typer.Exit(2) from None
+    _inspect(
+        model=model,
+        out=out,
+        dataset=dataset,
+        layers=layer,
+        concepts=concepts,
+        n_images=n_images,
+        n_embed=n_embed,
+        projections=projection,
+        steps=steps,
+        cohort_method=cohort_method,
+        quantile=quantile,
+        iou_threshold=iou_threshold,
+        seed=seed,
+        device=device,
+        threads=threads,
+        overwrite=overwrite,
+        list_layers=list_layers,
+    )
 
 
 def _inspect(
@@ -117,10 +112,11 @@ def _inspect(
         _print_layers(model, dataset, device)
         return
     if out is None:
-        raise ValueError("--out is required (the directory to write inspect.json and the figures)")
+        raise InputError("--out is required (the directory to write inspect.json and the figures)")
     out = out.expanduser()
+    check_out(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"output {out} exists and is not an empty directory; pass --overwrite")
+        raise InputError(f"output {out} exists and is not an empty directory; pass --overwrite")
     if cohort_method is not None:
         from trustmap.core.registry import get_method
 

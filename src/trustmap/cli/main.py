@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import ast
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from trustmap.cli._common import progress_bars
+from trustmap.cli._common import check_out, cli_errors, progress_bars
+from trustmap.errors import InputError
 
 app = typer.Typer(
     help="Explain medical-image classifiers and test whether the explanations can be trusted.",
@@ -19,21 +19,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly_errors(func: F) -> F:
-    """Turn the library's input errors into one line on stderr and exit code 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -54,7 +39,7 @@ def _parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, A
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--param {item!r} must look like name=value or method.name=value")
+            raise InputError(f"--param {item!r} must look like name=value or method.name=value")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -62,13 +47,13 @@ def _parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, A
         method, dot, name = key.rpartition(".")
         for m in [method] if dot else methods:
             if m not in out:
-                raise ValueError(f"--param {item!r} names method {m!r}, which is not requested")
+                raise InputError(f"--param {item!r} names method {m!r}, which is not requested")
             out[m][name] = value
     return out
 
 
 @app.command()
-@friendly_errors
+@cli_errors
 def explain(
     model: Annotated[str, typer.Option(help="TorchScript file or package.module:factory")],
     input: Annotated[Path, typer.Option("--input", "-i", help="DICOM, NIfTI, PNG/JPEG or NPY")],
@@ -92,7 +77,10 @@ def explain(
     from trustmap.data.io import load
     from trustmap.run import explain_image, load_model, prepare_tensor
 
+    check_out(out)
     names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
+    if not names:
+        raise InputError("--method names no method; give one or more, or 'all'")
     params = _parse_params(param or [], names)
     tgt: int | None = None if target == "predicted" else _int(target, "--target")
     net = load_model(model, str(weights) if weights else None, device)
@@ -125,14 +113,19 @@ def explain(
     console.print(f"prediction: class {summary.prediction}  probabilities {summary.probabilities}")
     failed = {m: r.error for m, r in summary.methods.items() if r.error}
     for m, r in summary.methods.items():
-        console.print(f"  {m:<22} {'failed: ' + str(r.error) if r.error else f'{r.seconds:.3f} s'}")
-    console.print(f"wrote {out / 'summary.json'}")
+        console.print(f"  {m:<22} {'failed' if r.error else f'{r.seconds:.3f} s'}", highlight=False)
+    console.print(f"wrote {out / 'summary.json'}", highlight=False)
     if failed:
-        raise typer.Exit(1)
+        # Each failure is a documented error (the method's parameters, or a model it
+        # cannot handle): one line each, and the exit status of user errors.
+        err = Console(stderr=True, soft_wrap=True)
+        for m, message in failed.items():
+            err.print(f"[bold red]error:[/] {escape(m)}: {escape(message)}", highlight=False)
+        raise typer.Exit(2)
 
 
 @app.command()
-@friendly_errors
+@cli_errors
 def demo(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("demo_out"),
     method: Annotated[str, typer.Option(help="method name(s), comma-separated, or 'all'")] = "all",
@@ -141,6 +134,7 @@ def demo(
     MONAI DenseNet121; write overlays, raw maps and summaries."""
     from trustmap.demo import run_demo
 
+    check_out(out)
     names = _all_methods() if method == "all" else [m.strip() for m in method.split(",") if m]
     with progress_bars(console) as progress:
         task = progress.add_task("demo", total=3 * len(names))
@@ -163,7 +157,7 @@ def _int(value: str, option: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"{option} must be an integer class or 'predicted', got {value!r}"
         ) from None
 

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import cli_errors, progress_bars, set_threads
 from trustmap.cli.counterfactual import _fail  # one line on stderr, exit code 2
 
 app = typer.Typer(
@@ -47,6 +47,7 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
 
 
 @app.command()
+@cli_errors
 def create(
     methods: Annotated[str, typer.Option(help="methods to compare, comma-separated")],
     dataset: Annotated[str, typer.Option(help="phantom name or dataset directory")],
@@ -121,6 +122,7 @@ def create(
 
 
 @app.command()
+@cli_errors
 def serve(
     study_dir: Annotated[Path, typer.Argument(help="study directory or study.sqlite")],
     host: Annotated[str, typer.Option(help="address to listen on (loopback by default)")] = (
@@ -154,6 +156,7 @@ def serve(
 
 
 @app.command()
+@cli_errors
 def status(
     study_dir: Annotated[Path, typer.Argument(help="study directory or study.sqlite")],
 ) -> None:
@@ -177,6 +180,7 @@ def status(
 
 
 @app.command()
+@cli_errors
 def urls(
     study_dir: Annotated[Path, typer.Argument(help="study directory or study.sqlite")],
     admin_key: Annotated[
@@ -200,6 +204,7 @@ def urls(
 
 
 @app.command()
+@cli_errors
 def analyze(
     study_dir: Annotated[Path, typer.Argument(help="study directory or study.sqlite")],
     out: Annotated[Path, typer.Option(help="directory for report.html, analysis.json, CSVs")],

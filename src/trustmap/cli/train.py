@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import check_out, cli_errors, progress_bars, set_threads
 
 console = Console()
 
@@ -33,6 +33,7 @@ def _model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+@cli_errors
 def train(
     out: Annotated[Path, typer.Option(help="output directory (resumes a run found there)")],
     dataset: Annotated[
@@ -72,28 +73,24 @@ def train(
     that keeps masks aligned) and write model.pt, model_card.json/.md and
     learning_curves.png; run the checks of paper 000's appendix. Re-running the same
     command resumes an interrupted run."""
-    try:
-        _train(
-            out=out,
-            dataset=dataset,
-            arch=arch,
-            seed=seed,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            size=size,
-            device=device,
-            patience=patience,
-            localizer=localizer,
-            augment=augment,
-            model_args=_model_args(model_arg or []),
-            amp=amp,
-            threads=threads,
-            max_minutes=max_minutes,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+    _train(
+        out=out,
+        dataset=dataset,
+        arch=arch,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        size=size,
+        device=device,
+        patience=patience,
+        localizer=localizer,
+        augment=augment,
+        model_args=_model_args(model_arg or []),
+        amp=amp,
+        threads=threads,
+        max_minutes=max_minutes,
+    )
 
 
 def _train(
@@ -126,6 +123,7 @@ def _train(
         train_localizer,
     )
 
+    check_out(out)
     set_threads(threads)
     if localizer and arch == "small_cnn":
         arch = "unet"  # the classifier default means "not chosen" here

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import TaskID
 from rich.table import Table
 
-from trustmap.cli._common import progress_bars, set_threads
+from trustmap.cli._common import check_out, cli_errors, progress_bars, set_threads
 
 console = Console()
 
@@ -26,6 +26,7 @@ _MARK = {
 }
 
 
+@cli_errors
 def trust(
     out: Annotated[
         Path | None,
@@ -53,11 +54,7 @@ def trust(
     randomization, repeatability and reproducibility, each tested against its baselines,
     with a pass / did not pass / uncertain verdict per method. Writes results.json,
     per_image.csv, figures and a self-contained report.html into OUT."""
-    try:
-        _trust(out, config, quick, full, method, n_images, device, threads)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2) from None
+    _trust(out, config, quick, full, method, n_images, device, threads)
 
 
 def _trust(
@@ -91,6 +88,7 @@ def _trust(
     else:
         preset = "quick" if quick else "full" if full else "default"
         cfg = TrustConfig.from_preset(preset, **overrides)
+    check_out(cfg.out)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
     set_threads(threads)

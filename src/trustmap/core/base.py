@@ -12,7 +12,13 @@ from trustmap.core.explanation import Explanation
 from trustmap.core.hooks import model_guard
 from trustmap.core.registry import get_method
 from trustmap.core.targets import Target, TargetSpec, resolve_target
-from trustmap.core.validation import check_input, check_model_matches, check_output
+from trustmap.core.validation import (
+    check_input,
+    check_model_matches,
+    check_output,
+    model_mismatch,
+)
+from trustmap.errors import InputTypeError
 
 
 class Explainer:
@@ -48,8 +54,15 @@ class Explainer:
         """
         x = check_input(x)
         check_model_matches(self.model, x)
-        with model_guard(self.model):
-            attributions, output, resolved, extra = self._attribute_checked(x, target)
+        try:
+            with model_guard(self.model):
+                attributions, output, resolved, extra = self._attribute_checked(x, target)
+        except (RuntimeError, ValueError) as err:
+            # A model built for other inputs fails deep inside torch; name the layer.
+            mismatch = model_mismatch(self.model, x, err)
+            if mismatch is None:
+                raise
+            raise mismatch from err
         params = self.get_params()
         params.update(extra)
         return Explanation(
@@ -155,7 +168,7 @@ def build(cls: type[Explainer], model: nn.Module, params: dict[str, Any]) -> Exp
     if not accepts_any:
         unknown = sorted(set(params) - set(known))
         if unknown:
-            raise TypeError(
+            raise InputTypeError(
                 f"{cls.name} does not take parameter(s) {unknown}; it takes {sorted(known)}"
             )
     return cls(model, **params)

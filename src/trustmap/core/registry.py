@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from trustmap.errors import InputError, InputTypeError
+
 if TYPE_CHECKING:
     from trustmap.core.base import Explainer
 
@@ -67,17 +69,17 @@ def register(
         One of :data:`NEEDS`: what the method needs besides a classifier.
     """
     if not name.isidentifier() or name.lower() != name:
-        raise ValueError(f"method name {name!r} must be snake_case")
+        raise InputError(f"method name {name!r} must be snake_case")
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if output not in ("input", "single"):
-        raise ValueError(f"output must be 'input' or 'single', got {output!r}")
+        raise InputError(f"output must be 'input' or 'single', got {output!r}")
     if needs not in NEEDS:
-        raise ValueError(f"needs must be one of {NEEDS}, got {needs!r}")
+        raise InputError(f"needs must be one of {NEEDS}, got {needs!r}")
 
     def decorator(cls: E) -> E:
         if name in _REGISTRY:
-            raise ValueError(
+            raise InputError(
                 f"explainer {name!r} is already registered by {_REGISTRY[name].__qualname__}"
             )
         cls.name = name
@@ -109,13 +111,13 @@ def get_method(name: str) -> type[Explainer]:
     """
     _ensure_methods_imported()
     if not isinstance(name, str):
-        raise TypeError(f"method name must be a string, got {type(name).__name__}")
+        raise InputTypeError(f"method name must be a string, got {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
     if key in _REGISTRY:
         return _REGISTRY[key]
     close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown method {name!r}{hint} (see trustmap.list_methods())")
+    raise InputError(f"unknown method {name!r}{hint} (see trustmap.list_methods())")
 
 
 def _ensure_methods_imported() -> None:

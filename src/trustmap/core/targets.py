@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from trustmap.errors import InputError, InputTypeError
+
 TargetSpec = Any  # int | torch.Tensor | tuple | Callable | None | Target
 
 
@@ -46,7 +48,7 @@ class Target:
         n = output.shape[0]
         if rows is None:
             if self.kind != "callable" and n != self.batch:
-                raise ValueError(
+                raise InputError(
                     f"output has {n} rows but the target was resolved for {self.batch}"
                 )
             rows = torch.arange(n, device=output.device)
@@ -64,7 +66,7 @@ class Target:
         result = self.fn(output)
         if not isinstance(result, torch.Tensor) or result.shape != (n,):
             shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result)
-            raise ValueError(
+            raise InputError(
                 f"a callable target must map the output to a tensor of shape ({n},), got {shape}"
             )
         return result
@@ -105,12 +107,12 @@ def resolve_target(target: TargetSpec, output: torch.Tensor) -> Target:
     if isinstance(target, Target):
         return target
     if not isinstance(output, torch.Tensor):
-        raise TypeError(
+        raise InputTypeError(
             f"the model must return a tensor, got {type(output).__name__}; wrap it so that "
             "it returns the logits"
         )
     if output.ndim == 0:
-        raise ValueError("the model returned a scalar; expected one row per sample")
+        raise InputError("the model returned a scalar; expected one row per sample")
     b = output.shape[0]
     if output.ndim == 1:
         output = output.unsqueeze(1)
@@ -126,7 +128,7 @@ def resolve_target(target: TargetSpec, output: torch.Tensor) -> Target:
         classes = output.detach().argmax(dim=1)
     bad = (classes < 0) | (classes >= k)
     if bool(bad.any()):
-        raise ValueError(
+        raise InputError(
             f"target {classes[bad].tolist()} is out of range for a model with {k} outputs "
             f"(valid classes: 0..{k - 1})"
         )
@@ -137,21 +139,21 @@ def _as_classes(target: TargetSpec, b: int, device: torch.device) -> torch.Tenso
     if target is None:
         return None
     if isinstance(target, bool):
-        raise TypeError("target must be an int class, not a bool")
+        raise InputTypeError("target must be an int class, not a bool")
     if isinstance(target, int):
         return torch.full((b,), target, dtype=torch.long, device=device)
     if isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex():
-            raise TypeError(f"target tensor must hold integer classes, got {target.dtype}")
+            raise InputTypeError(f"target tensor must hold integer classes, got {target.dtype}")
         t = target.to(device=device, dtype=torch.long).reshape(-1)
         if t.numel() == 1:
             return t.expand(b).clone()
         if t.numel() != b:
-            raise ValueError(f"target has {t.numel()} entries but the batch has {b} samples")
+            raise InputError(f"target has {t.numel()} entries but the batch has {b} samples")
         return t
     if isinstance(target, (list, tuple)) and all(isinstance(v, int) for v in target):
         return _as_classes(torch.tensor(target, dtype=torch.long), b, device)
-    raise TypeError(
+    raise InputTypeError(
         f"unsupported target {type(target).__name__}: use None, an int, a (B,) integer "
         "tensor, (class, region_mask) for segmentation models, or a callable"
     )
@@ -163,7 +165,7 @@ def _resolve_binary(target: TargetSpec, output: torch.Tensor) -> Target:
     if classes is None:
         classes = (output.detach().reshape(b) > 0).long()
     if bool(((classes != 0) & (classes != 1)).any()):
-        raise ValueError(
+        raise InputError(
             "the model has a single output logit: target must be 1 (explain the logit) "
             f"or 0 (explain its negation), got {classes.unique().tolist()}"
         )
@@ -174,7 +176,7 @@ def _resolve_binary(target: TargetSpec, output: torch.Tensor) -> Target:
 def _resolve_region(target: TargetSpec, output: torch.Tensor) -> Target:
     b, k, *spatial = output.shape
     if target is None:
-        raise ValueError(
+        raise InputError(
             f"the model's output {tuple(output.shape)} is a segmentation map: pass "
             "target=(class, region_mask) to explain a class over a region"
         )
@@ -185,26 +187,26 @@ def _resolve_region(target: TargetSpec, output: torch.Tensor) -> Target:
     classes = _as_classes(cls_spec, b, output.device)
     bad = (classes < 0) | (classes >= k)
     if bool(bad.any()):
-        raise ValueError(f"target class {classes[bad].tolist()} is out of range for {k} classes")
+        raise InputError(f"target class {classes[bad].tolist()} is out of range for {k} classes")
     if mask is None:
         region = torch.ones((b, *spatial), dtype=torch.float64, device=output.device)
     else:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"region_mask must be a tensor, got {type(mask).__name__}")
+            raise InputTypeError(f"region_mask must be a tensor, got {type(mask).__name__}")
         region = mask.to(output.device).to(torch.float64)
         if tuple(region.shape) == tuple(spatial):
             region = region.expand(b, *spatial)
         elif tuple(region.shape) != (b, *spatial):
-            raise ValueError(
+            raise InputError(
                 f"region_mask has shape {tuple(mask.shape)}; expected {tuple(spatial)} or "
                 f"{(b, *spatial)} to match the segmentation output"
             )
         if not bool(torch.isfinite(region).all()):
-            raise ValueError("region_mask contains NaN or Inf")
+            raise InputError("region_mask contains NaN or Inf")
         empty = region.reshape(b, -1).abs().sum(1) == 0
         if bool(empty.any()):
             samples = empty.nonzero().flatten().tolist()
-            raise ValueError(f"region_mask is empty for samples {samples}")
+            raise InputError(f"region_mask is empty for samples {samples}")
     return Target(kind="region", classes=classes, region=region.contiguous(), batch=b)
 
 

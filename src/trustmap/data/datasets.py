@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from trustmap.data.io import apply_window
 from trustmap.data.labels import boxes_to_mask
+from trustmap.errors import DataError, InputTypeError, MissingFileError
 
 __all__ = [
     "GROUND_TRUTH_KINDS",
@@ -168,11 +169,11 @@ def collate(samples: Sequence[Sample]) -> dict[str, Any]:
     """
     samples = list(samples)
     if not samples:
-        raise ValueError("collate needs at least one sample")
+        raise DataError("collate needs at least one sample")
     shape = tuple(samples[0].image.shape)
     for s in samples[1:]:
         if tuple(s.image.shape) != shape:
-            raise ValueError(
+            raise DataError(
                 f"cannot batch images of shapes {shape} ({samples[0].meta.get('id')}) and "
                 f"{tuple(s.image.shape)} ({s.meta.get('id')}); open the dataset with size= "
                 "to resize on load"
@@ -212,7 +213,7 @@ def normalize_intensity(intensity: str | Mapping[str, Any] | None) -> dict[str, 
     spec = {"kind": intensity} if isinstance(intensity, str) else dict(intensity)
     kind = spec.get("kind")
     if kind not in INTENSITY_KINDS:
-        raise ValueError(
+        raise DataError(
             f"unknown intensity kind {kind!r} in {intensity!r}; use one of "
             f"{', '.join(INTENSITY_KINDS)}"
         )
@@ -224,11 +225,11 @@ def normalize_intensity(intensity: str | Mapping[str, Any] | None) -> dict[str, 
             or not isinstance(value, int | float)
             or not math.isfinite(value)
         ):
-            raise ValueError(f"intensity {kind!r} needs a finite number {key!r}, got {spec!r}")
+            raise DataError(f"intensity {kind!r} needs a finite number {key!r}, got {spec!r}")
     if kind == "range" and not spec["max"] > spec["min"]:
-        raise ValueError(f"intensity range needs max > min, got {spec!r}")
+        raise DataError(f"intensity range needs max > min, got {spec!r}")
     if kind == "window" and not spec["width"] > 0:
-        raise ValueError(f"intensity window needs width > 0, got {spec!r}")
+        raise DataError(f"intensity window needs width > 0, got {spec!r}")
     return spec
 
 
@@ -255,7 +256,7 @@ def map_intensity(
         center = (meta or {}).get("window_center")
         width = (meta or {}).get("window_width")
         if center is None or width is None or not width > 0:
-            raise ValueError(
+            raise DataError(
                 "intensity 'dicom' needs the file's WindowCenter/WindowWidth, which it lacks; "
                 "use 'minmax' or an explicit window"
             )
@@ -284,7 +285,7 @@ def _normalize_size(size: int | Sequence[int] | None, spatial_dims: int) -> tupl
     if len(values) != spatial_dims or not all(
         isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0 for v in values
     ):
-        raise ValueError(
+        raise DataError(
             f"size must be a positive integer or {spatial_dims} positive integers, got {size!r}"
         )
     return tuple(int(v) for v in values)
@@ -369,9 +370,9 @@ def stratified_split(
     """
     values = [float(f) for f in fractions]
     if len(values) != 3 or any(not math.isfinite(f) or f < 0 for f in values):
-        raise ValueError(f"fractions must be three non-negative numbers, got {fractions!r}")
+        raise DataError(f"fractions must be three non-negative numbers, got {fractions!r}")
     if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must sum to 1, got {fractions!r} (sum {sum(values)})")
+        raise DataError(f"fractions must sum to 1, got {fractions!r} (sum {sum(values)})")
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
@@ -436,9 +437,9 @@ class ImageDataset(torch.utils.data.Dataset):
         root: str | os.PathLike[str] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+            raise DataError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if ground_truth not in GROUND_TRUTH_KINDS:
-            raise ValueError(
+            raise DataError(
                 f"ground_truth must be one of {', '.join(GROUND_TRUTH_KINDS)}, got {ground_truth!r}"
             )
         self.name = str(name)
@@ -452,11 +453,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self.size = _normalize_size(size, self.spatial_dims)
         self.root = Path(root) if root is not None else None
         if len(self.ids) != len(self.labels):
-            raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
+            raise DataError(f"{len(self.ids)} ids but {len(self.labels)} labels")
         if self.splits is not None and len(self.splits) != len(self.labels):
-            raise ValueError(f"{len(self.splits)} split names but {len(self.labels)} labels")
+            raise DataError(f"{len(self.splits)} split names but {len(self.labels)} labels")
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise ValueError(
+            raise DataError(
                 f"labels must lie in 0...{len(self.classes) - 1} for classes {self.classes}"
             )
         self._cache: TensorData | None = None
@@ -493,7 +494,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def _position(self, index: int) -> int:
         if isinstance(index, bool) or not isinstance(index, int | np.integer):
-            raise TypeError(f"dataset index must be an integer, got {type(index).__name__}")
+            raise InputTypeError(f"dataset index must be an integer, got {type(index).__name__}")
         n = len(self)
         i = int(index) + n if index < 0 else int(index)
         if not 0 <= i < n:
@@ -515,21 +516,21 @@ class ImageDataset(torch.utils.data.Dataset):
     def _check_sample(self, sample: Sample, index: int) -> None:
         image = sample.image
         if image.dtype != torch.float32 or image.ndim != self.spatial_dims + 1:
-            raise ValueError(
+            raise DataError(
                 f"{self._where(index, sample)}: image must be float32 (C, *spatial) with "
                 f"{self.spatial_dims} spatial axes, got {tuple(image.shape)} {image.dtype}"
             )
         if image.shape[0] != self.in_channels:
-            raise ValueError(
+            raise DataError(
                 f"{self._where(index, sample)}: image has {image.shape[0]} channels, the "
                 f"dataset {self.in_channels}"
             )
         if not torch.isfinite(image).all():
-            raise ValueError(f"{self._where(index, sample)}: image contains NaN or Inf values")
+            raise DataError(f"{self._where(index, sample)}: image contains NaN or Inf values")
         spatial = tuple(image.shape[1:])
         for what, mask in (("mask", sample.mask), ("token mask", sample.token_mask)):
             if mask is not None and tuple(mask.shape) != spatial:
-                raise ValueError(
+                raise DataError(
                     f"{self._where(index, sample)}: {what} has shape {tuple(mask.shape)} but "
                     f"the image has {spatial}"
                 )
@@ -551,19 +552,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def _indices(self, split: str | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(split, str):
             if split not in SPLITS:
-                raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+                raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
             return self.split_indices()[split]
         idx = np.asarray(split)
         if idx.dtype == bool:
             if idx.shape != (len(self),):
-                raise ValueError(
+                raise DataError(
                     f"a boolean selection needs {len(self)} entries, got shape {idx.shape}"
                 )
             return np.flatnonzero(idx)
         if idx.size == 0:
             return np.zeros(0, np.int64)
         if idx.dtype.kind not in "iu" or idx.ndim != 1:
-            raise ValueError(f"indices must be a 1D sequence of integers, got {split!r}")
+            raise DataError(f"indices must be a 1D sequence of integers, got {split!r}")
         if idx.min() < -len(self) or idx.max() >= len(self):
             raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
         return np.where(idx < 0, idx + len(self), idx).astype(np.int64)
@@ -603,7 +604,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _load_all(self, progress: Callable[[int, int], None] | None) -> TensorData:
         n = len(self)
         if n == 0:
-            raise ValueError(f"dataset {self.name!r} has no samples")
+            raise DataError(f"dataset {self.name!r} has no samples")
         images = masks = tokens = None
         has_mask = torch.zeros(n, dtype=torch.bool)
         boxes: list[list[Box]] = []
@@ -615,7 +616,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 images = torch.empty((n, *shape), dtype=torch.float32)
                 masks = torch.zeros((n, 1, *shape[1:]), dtype=torch.float32)
             elif tuple(sample.image.shape) != shape:
-                raise ValueError(
+                raise DataError(
                     f"{self._where(i, sample)}: image shape {tuple(sample.image.shape)} "
                     f"differs from the first image's {shape}; open the dataset with size= "
                     "to resize on load"
@@ -702,7 +703,7 @@ def dataset_cache_dir(
     """
     unknown = sorted(set(params) - set(_PHANTOM_PARAMS))
     if unknown:
-        raise TypeError(f"unknown phantom parameter(s) {', '.join(unknown)}")
+        raise InputTypeError(f"unknown phantom parameter(s) {', '.join(unknown)}")
     if cache_dir is not None:
         root = Path(cache_dir)
     elif os.environ.get("TRUSTMAP_CACHE"):
@@ -783,4 +784,4 @@ def open_dataset(path_or_name: str | os.PathLike[str], **kwargs: Any) -> ImageDa
     if name in phantoms:
         return _open_phantom(name, dict(kwargs))
     known = f"; phantom datasets: {', '.join(phantoms)}" if phantoms else ""
-    raise FileNotFoundError(f"{name!r} is neither an existing path nor a phantom dataset{known}")
+    raise MissingFileError(f"{name!r} is neither an existing path nor a phantom dataset{known}")

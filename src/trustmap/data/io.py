@@ -33,10 +33,12 @@ reports built from it can be shared.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 
 from trustmap.core.atomic import atomic_path, save_npy_atomic
+from trustmap.errors import DataError, InputError, InputTypeError, MissingFileError
 
 __all__ = ["SUFFIXES", "WINDOW_PRESETS", "LoadedImage", "apply_window", "load", "save_map"]
 
@@ -158,19 +161,22 @@ def load(
     """
     source = Path(path)
     if not source.exists():
-        raise FileNotFoundError(f"no such file or directory: {source}")
+        raise MissingFileError(f"no such file or directory: {source}")
+    if not source.is_dir() and not source.is_file():
+        # A FIFO would block forever, /dev/urandom never ends.
+        raise DataError(f"{source}: not a regular file or a folder of DICOM files")
     _check_window(window)
     if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
-        raise ValueError(f"frame must be a non-negative integer, got {frame!r}")
+        raise InputError(f"frame must be a non-negative integer, got {frame!r}")
 
     if source.is_dir():
         image = _load_dicom_series(source, frame)
     else:
         kind = _sniff(source)
         if kind != "dicom" and window == "dicom":
-            raise ValueError(f"{source}: window='dicom' needs a DICOM file, this is {kind}")
+            raise DataError(f"{source}: window='dicom' needs a DICOM file, this is {kind}")
         if kind != "dicom" and kind != "nifti" and frame is not None:
-            raise ValueError(
+            raise DataError(
                 f"{source}: frame= applies to multi-frame DICOM and 4D NIfTI files only"
             )
         loader = {
@@ -180,7 +186,7 @@ def load(
             "numpy": _load_npy,
         }[kind]
         image = loader(source, frame)
-    _check_finite(image.array, source)
+    _check_image(image, source)
     if window is None:
         return image
     center, width = _resolve_window(window, image)
@@ -209,7 +215,7 @@ def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
     display levels.
     """
     if not width > 0:
-        raise ValueError(f"window width must be positive, got {width}")
+        raise InputError(f"window width must be positive, got {width}")
     low = center - width / 2.0
     out = (np.asarray(array, dtype=np.float64) - low) / width
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -240,12 +246,12 @@ def save_map(
     target = Path(path)
     suffix = _suffix_of(target)
     if suffix not in _MAP_SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"cannot save a map as {target.name!r}: unsupported file type {suffix or '(none)'}, "
             f"expected one of {', '.join(_MAP_SUFFIXES)}"
         )
     if like is not None and affine is not None:
-        raise ValueError("pass either like= or affine=, not both")
+        raise InputError("pass either like= or affine=, not both")
     array = _as_numpy(array_or_tensor)
     if suffix in _NUMPY:
         return save_npy_atomic(target, array)
@@ -254,12 +260,12 @@ def save_map(
     while array.ndim > max(spatial_ndim, 2) and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3):
-        raise ValueError(
+        raise InputError(
             f"a NIfTI map must be (H, W) or (D, H, W), got shape {array.shape}; "
             "sum over the channel axis or pick one sample first"
         )
     if like is not None and array.shape != like.spatial_shape:
-        raise ValueError(
+        raise InputError(
             f"map shape {array.shape} does not match the image shape {like.spatial_shape} "
             f"of {like.source}"
         )
@@ -271,7 +277,7 @@ def save_map(
         matrix = np.eye(4)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
-        raise ValueError(f"affine must be a finite (4, 4) array, got shape {matrix.shape}")
+        raise InputError(f"affine must be a finite (4, 4) matrix, got {matrix.round(4).tolist()}")
 
     import nibabel as nib
 
@@ -305,7 +311,7 @@ def _sniff(path: Path) -> str:
         return "numpy"
     if suffix in _DICOM or _has_dicom_preamble(path):
         return "dicom"
-    raise ValueError(
+    raise DataError(
         f"{path}: unsupported file type {suffix or '(no suffix)'}, expected one of "
         f"{', '.join(SUFFIXES)}, a DICOM file (with 'DICM' at byte 128) or a directory of "
         "DICOM files"
@@ -326,24 +332,67 @@ def _as_numpy(value: object) -> np.ndarray:
         return value.detach().cpu().numpy()
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
-        raise TypeError(f"expected a numeric array or tensor, got dtype {array.dtype}")
+        raise InputTypeError(f"expected a numeric array or tensor, got dtype {array.dtype}")
     return array
 
 
 def _to_float32(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: unsupported data type {array.dtype}, expected real numbers")
+        raise DataError(f"{path}: unsupported data type {array.dtype}, expected real numbers")
     return np.asarray(array, dtype=np.float32)
 
 
-def _check_finite(array: np.ndarray, path: Path) -> None:
+def _check_image(image: LoadedImage, path: Path) -> None:
+    """What every loader returns: a non-empty finite array and valid geometry."""
+    array = image.array
+    spatial = image.spatial_shape
+    if array.size == 0 or len(spatial) not in (2, 3) or min(spatial) < 1:
+        raise DataError(f"{path}: holds an empty image (shape {tuple(array.shape)})")
     finite = np.isfinite(array)
-    if finite.all():
+    if not finite.all():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int(array.size - finite.sum()) - n_nan
+        problems = [f"{n} {kind} values" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
+        raise DataError(f"{path}: contains {' and '.join(problems)}")
+    check_geometry(image.spacing, image.affine, len(spatial), path)
+
+
+def check_geometry(
+    spacing: Sequence[float],
+    affine: np.ndarray | None,
+    ndim: int,
+    path: object,
+    *,
+    spacing_field: str = "spacing",
+    affine_field: str = "affine",
+) -> None:
+    """Raise naming ``path`` and the field unless the geometry is usable.
+
+    ``spacing`` needs one positive finite value per spatial axis; ``affine`` (if any) must
+    be a finite ``(4, 4)`` matrix whose columns for the ``ndim`` array axes are linearly
+    independent (a singular affine maps two voxels onto one point).
+    """
+    values = [float(v) for v in spacing]
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
+        raise DataError(
+            f"{path}: {spacing_field} is {tuple(values)}; a voxel size must be a positive "
+            f"finite number for each of the {ndim} axes"
+        )
+    if affine is None:
         return
-    n_nan = int(np.isnan(array).sum())
-    n_inf = int(array.size - finite.sum()) - n_nan
-    problems = [f"{n} {kind} values" for n, kind in ((n_nan, "NaN"), (n_inf, "Inf")) if n]
-    raise ValueError(f"{path}: contains {' and '.join(problems)}")
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise DataError(
+            f"{path}: {affine_field} must be a finite (4, 4) matrix, got {matrix.round(4).tolist()}"
+        )
+    columns = matrix[:3, :ndim]
+    # Relative to the columns' own scale: 1e-6 mm voxels are odd, not singular.
+    scale = float(np.abs(columns).max())
+    if scale == 0 or np.linalg.matrix_rank(columns / scale, tol=1e-9) < ndim:
+        raise DataError(
+            f"{path}: {affine_field} is singular (its {ndim} voxel axes are not linearly "
+            "independent), so voxels cannot be placed in space"
+        )
 
 
 def _check_window(window: object) -> None:
@@ -352,7 +401,7 @@ def _check_window(window: object) -> None:
     if isinstance(window, str):
         if window == "dicom" or window in WINDOW_PRESETS:
             return
-        raise ValueError(
+        raise InputError(
             f"unknown window {window!r}; use one of {[*WINDOW_PRESETS, 'dicom']} "
             "or a (center, width) tuple"
         )
@@ -364,7 +413,7 @@ def _check_window(window: object) -> None:
         and window[1] > 0
     ):
         return
-    raise ValueError(
+    raise InputError(
         f"window must be a preset name or (center, width) with width > 0, got {window!r}"
     )
 
@@ -373,7 +422,7 @@ def _resolve_window(window: str | tuple[float, float], image: LoadedImage) -> tu
     if window == "dicom":
         center, width = image.meta.get("window_center"), image.meta.get("window_width")
         if center is None or width is None or not width > 0:
-            raise ValueError(f"{image.source}: has no WindowCenter/WindowWidth to apply")
+            raise DataError(f"{image.source}: has no WindowCenter/WindowWidth to apply")
         return float(center), float(width)
     if isinstance(window, str):
         return WINDOW_PRESETS[window]
@@ -406,12 +455,14 @@ def _load_npy(path: Path, frame: int | None) -> LoadedImage:
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError, OSError or EOFError by cause
-        raise ValueError(f"{path}: not a readable .npy file ({exc})") from exc
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from exc
     array = _to_float32(array, path)
+    if array.size == 0:
+        raise DataError(f"{path}: holds an empty array of shape {array.shape}")
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (2, 3):
-        raise ValueError(
+        raise DataError(
             f"{path}: expected a 2D (H, W) or 3D (D, H, W) array, got shape {array.shape}"
         )
     return LoadedImage(
@@ -435,9 +486,16 @@ def _load_pillow(path: Path, frame: int | None) -> LoadedImage:
                 pixels = np.asarray(img.getchannel("L"))
             else:  # palette, RGBA, CMYK, YCbCr, ...: as displayed, without transparency
                 pixels = np.moveaxis(np.asarray(img.convert("RGB")), -1, 0)
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"{path}: refused as a possible decompression bomb: it claims more pixels than "
+            f"Pillow's limit of {Image.MAX_IMAGE_PIXELS} ({exc})"
+        ) from exc
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         # Pillow reports truncated or garbled files as OSError or SyntaxError.
-        raise ValueError(f"{path}: not a readable image file ({exc})") from exc
+        raise DataError(f"{path}: not a readable image file ({exc})") from exc
+    except Exception as exc:  # Pillow's decoders raise other types on fuzzed data too
+        raise DataError(f"{path}: not a readable image file ({type(exc).__name__}: {exc})") from exc
     array = _to_float32(pixels, path)
     is_color = array.ndim == 3
     return LoadedImage(
@@ -457,35 +515,58 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        # nibabel "fixes" a zero voxel size to 1 with a message on stderr; we refuse it.
+        with _quiet_nibabel():
+            img = nib.load(path)
+        if 0 in img.shape:
+            raise DataError(f"{path}: holds an empty image, its dimensions are {img.shape}")
+        _check_nifti_pixdim(path, type(img.header), len(img.shape))
         data = np.asarray(img.dataobj)
+    except DataError:
+        raise
     except Exception as exc:  # nibabel, gzip and zlib each raise their own types
-        raise ValueError(
-            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
     zooms = tuple(float(z) for z in img.header.get_zooms())
+    # The spatial unit code is the low 3 bits of xyzt_units (the time code, which we do
+    # not use and nibabel's get_xyzt_units chokes on when unknown, is above them).
+    code = int(img.header["xyzt_units"]) & 0x07
+    spatial_units = _NIFTI_UNITS.get(code)
+    if spatial_units is None:
+        raise DataError(
+            f"{path}: xyzt_units holds the unknown spatial unit code {code} (NIfTI knows 0 "
+            "unknown, 1 m, 2 mm, 3 um)"
+        )
     # Trailing axes of size one (e.g. (X, Y, Z, 1)) carry nothing.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 4:
         if frame is None:
-            raise ValueError(
+            raise DataError(
                 f"{path}: is 4D with {data.shape[3]} volumes; pick one with frame=0..."
                 f"{data.shape[3] - 1}"
             )
         if frame >= data.shape[3]:
-            raise ValueError(f"{path}: frame {frame} out of range, it has {data.shape[3]} volumes")
+            raise DataError(f"{path}: frame {frame} out of range, it has {data.shape[3]} volumes")
         data = data[..., frame]
     elif frame is not None:
-        raise ValueError(f"{path}: frame= needs a 4D NIfTI file, this one is {data.ndim}D")
+        raise DataError(f"{path}: frame= needs a 4D NIfTI file, this one is {data.ndim}D")
     if data.ndim not in (2, 3):
-        raise ValueError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
+        raise DataError(f"{path}: expected a 2D or 3D image, got shape {data.shape}")
     array = np.ascontiguousarray(_to_float32(data, path).T)
-    spatial_units = img.header.get_xyzt_units()[0]
+    spacing = zooms[: data.ndim][::-1]
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_geometry(
+        spacing[::-1],
+        affine,
+        data.ndim,
+        path,
+        spacing_field=f"pixdim[1:{data.ndim + 1}] (the voxel size)",
+        affine_field=_nifti_affine_field(img.header),
+    )
     return LoadedImage(
         array=array,
-        spacing=zooms[: data.ndim][::-1],
-        affine=_swap_affine_axes(np.asarray(img.affine, dtype=np.float64), data.ndim),
+        spacing=spacing,
+        affine=_swap_affine_axes(affine, data.ndim),
         source=path,
         meta={
             "format": "nifti",
@@ -495,6 +576,52 @@ def _load_nifti(path: Path, frame: int | None) -> LoadedImage:
             "frame": frame,
         },
     )
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel's header-fix messages for the block (its own suppressor loses the
+    logger's handler for good)."""
+    from nibabel.imageglobals import logger
+
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+#: NIfTI-1 spatial unit codes, with nibabel's names for them.
+_NIFTI_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
+
+
+def _check_nifti_pixdim(path: Path, header_class: Any, ndim: int) -> None:
+    """The stored voxel size must be finite and non-zero (nibabel would make a zero 1)."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(path) as handle:
+        header = header_class.from_fileobj(handle, check=False)
+    axes = min(ndim, 3)
+    pixdim = np.asarray(header["pixdim"][1 : axes + 1], dtype=np.float64)
+    if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
+        raise DataError(
+            f"{path}: pixdim[1:{axes + 1}] (the voxel size) is {tuple(pixdim.tolist())}; a "
+            "voxel size must be a non-zero finite number"
+        )
+
+
+def _nifti_affine_field(header: Any) -> str:
+    """Which header fields nibabel built the affine from (as it chooses: sform first)."""
+    try:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    except (KeyError, TypeError, ValueError):
+        return "the affine"
+    if sform_code > 0:
+        return "the sform affine (srow_x, srow_y, srow_z)"
+    if qform_code > 0:
+        return "the qform affine (quatern_b/c/d, qoffset_x/y/z, pixdim)"
+    return "the affine from pixdim"
 
 
 # ---------------------------------------------------------------------------------------
@@ -516,13 +643,13 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Any:
                 ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
                 forced = True
     except Exception as exc:  # pydicom raises many types on garbage input
-        raise ValueError(
+        raise DataError(
             f"{path}: not a valid DICOM file, it is corrupt or truncated ({exc})"
         ) from exc
     if forced and "SOPClassUID" not in ds and not _has_pixels(ds):
         # force=True reads almost any bytes as some dataset; without an SOP class or
         # pixels the "dataset" is noise.
-        raise ValueError(f"{path}: not a valid DICOM file, it is corrupt or truncated")
+        raise DataError(f"{path}: not a valid DICOM file, it is corrupt or truncated")
     if "TransferSyntaxUID" not in ds.file_meta:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -539,8 +666,101 @@ def _has_pixels(ds: Any) -> bool:
 
 
 def _sop_name(ds: Any) -> str:
-    uid = ds.get("SOPClassUID")
-    return str(uid.name) if uid is not None else "unknown SOP class"
+    """The SOP class's name; a corrupt SOPClassUID (another VR, bytes) counts as unknown."""
+    try:
+        uid = ds.get("SOPClassUID")
+        return str(uid.name) if uid is not None else "unknown SOP class"
+    except Exception:  # pydicom raises AttributeError, NotImplementedError, ... here
+        return "unknown SOP class"
+
+
+def _tag_name(keyword: str) -> str:
+    """``"RescaleSlope (0028,1053)"``: the keyword and its tag, for error messages."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
+
+
+def _source(ds: Any) -> str:
+    return str(getattr(ds, "filename", None) or "the DICOM file")
+
+
+def _value(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) -> Any:
+    """An element's value (see :func:`_attr`); a corrupt element raises naming the tag."""
+    try:
+        return _attr(ds, keyword, index, sequence)
+    except Exception as exc:  # a wrong VR, undecodable bytes: pydicom's types vary
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _numbers(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) -> list | None:
+    """A numeric element as a list of finite floats (None when absent or empty)."""
+    value = _value(ds, keyword, index, sequence)
+    if value is None or (isinstance(value, str | bytes) and not value.strip()):
+        return None
+    items = (
+        list(value)
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes)
+        else [value]
+    )
+    if not items:
+        return None
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError, OverflowError):
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not a number"
+            ) from None
+        if not math.isfinite(number):
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not a finite number"
+            )
+        out.append(number)
+    return out
+
+
+def _number(
+    ds: Any, keyword: str, index: int = 0, sequence: str | None = None, *, count: int = 1
+) -> Any:
+    """A numeric element with ``count`` values: a float (count 1), an array, or None."""
+    values = _numbers(ds, keyword, index, sequence)
+    if values is None:
+        return None
+    if count == 1:
+        return values[0]  # WindowCenter may hold several; the first is the default
+    if len(values) != count:
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} has {len(values)} values "
+            f"({_shown(values)}), expected {count}"
+        )
+    return np.asarray(values, dtype=np.float64)
+
+
+def _integer(ds: Any, keyword: str, default: int) -> int:
+    """An integer element (Rows, BitsStored, NumberOfFrames, ...), ``default`` if absent."""
+    value = _number(ds, keyword)
+    if value is None:
+        return default
+    if value != int(value) or abs(value) > 2**31:
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(value)}, not an integer"
+        )
+    return int(value)
+
+
+def _text(ds: Any, keyword: str, default: str = "") -> str:
+    value = _value(ds, keyword)
+    return default if value is None else str(value).strip()
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _require_pixels(ds: Any, path: Path) -> None:
@@ -549,23 +769,70 @@ def _require_pixels(ds: Any, path: Path) -> None:
     name = _sop_name(ds)
     if "Image" in name:
         # An image SOP class must carry pixels; a file cut short loses them first.
-        raise ValueError(
+        raise DataError(
             f"{path}: has no pixel data although it is a {name} object; the file is "
             "probably truncated or corrupt"
         )
-    raise ValueError(f"{path}: has no pixel data ({name}); it is not an image")
+    raise DataError(f"{path}: has no pixel data ({name}); it is not an image")
 
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
     _require_pixels(ds, path)
+    _check_jpeg2000(ds, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about fixable tag quirks
             return ds.pixel_array
-    except Exception as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise ValueError(f"{path}: cannot decode the pixel data ({name}): {exc}") from exc
+    except Exception as exc:  # pydicom and its decoders raise many types on bad data
+        raise DataError(
+            f"{path}: cannot decode the pixel data ({_syntax_name(ds)}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+#: The JP2 file signature box (ISO/IEC 15444-1 Annex I.5.1) and the contiguous codestream
+#: box type.
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_JP2C = b"jp2c"
+
+
+def _check_jpeg2000(ds: Any, path: Path) -> None:
+    """Refuse JPEG 2000 frames whose JP2 header pydicom cannot walk.
+
+    pydicom 3.0 looks for the codestream by adding each box's length to its offset
+    (``pydicom.pixels.utils.get_j2k_parameters``); a box of length 0 other than the
+    codestream itself (legal only for the last box) never moves it on, and the read never
+    ends. Such a frame is reported instead, naming the file, frame and byte.
+    """
+    from pydicom.uid import JPEG2000TransferSyntaxes
+
+    if ds.file_meta.get("TransferSyntaxUID") not in JPEG2000TransferSyntaxes:
+        return
+    from pydicom.encaps import generate_frames
+
+    n_frames = _integer(ds, "NumberOfFrames", 1) or 1
+    try:
+        for k, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames)):
+            if not frame.startswith(_JP2_SIGNATURE[:8]):
+                continue
+            offset = 12
+            while offset < len(frame):
+                length = int.from_bytes(frame[offset : offset + 4], byteorder="big")
+                if frame[offset + 4 : offset + 8] == _JP2C:
+                    break
+                if length == 0:
+                    raise DataError(
+                        f"{path}: frame {k}: the JPEG 2000 box at byte {offset} has length "
+                        "0 but is not the last (codestream) box; the pixel data is corrupt"
+                    )
+                offset += length
+    except DataError:
+        raise
+    except Exception as exc:  # pydicom's fragment parser on corrupt item tags or offsets
+        raise DataError(
+            f"{path}: the encapsulated pixel data cannot be split into frames "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _frame_item(ds: Any, index: int, sequence: str) -> Any:
@@ -591,40 +858,35 @@ def _attr(ds: Any, keyword: str, index: int = 0, sequence: str | None = None) ->
     return value
 
 
-def _first(value: Any) -> float | None:
-    """First number of a possibly multi-valued element (WindowCenter may hold several)."""
-    if value is None:
-        return None
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        return float(value)
-    return float(value[0]) if len(value) else None
-
-
 def _rescale(ds: Any, index: int) -> tuple[float, float, bool]:
     seq = "PixelValueTransformationSequence"
-    slope = _attr(ds, "RescaleSlope", index, seq)
-    intercept = _attr(ds, "RescaleIntercept", index, seq)
+    slope = _number(ds, "RescaleSlope", index, seq)
+    intercept = _number(ds, "RescaleIntercept", index, seq)
     present = slope is not None or intercept is not None
+    if slope == 0:
+        raise DataError(f"{_source(ds)}: tag {_tag_name('RescaleSlope')} is 0")
     return (
-        float(slope) if slope is not None else 1.0,
-        float(intercept) if intercept is not None else 0.0,
+        slope if slope is not None else 1.0,
+        intercept if intercept is not None else 0.0,
         present,
     )
 
 
 def _stored_range(ds: Any) -> tuple[float, float]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
+    bits = _integer(ds, "BitsStored", _integer(ds, "BitsAllocated", 16))
+    if not 1 <= bits <= 64:
+        raise DataError(f"{_source(ds)}: tag {_tag_name('BitsStored')} is {bits}, not 1...64")
+    if _integer(ds, "PixelRepresentation", 0) == 1:
         return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
     return 0.0, 2.0**bits - 1
 
 
 def _photometric(ds: Any) -> str:
-    return str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    return _text(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"
 
 
 def _is_colour(ds: Any) -> bool:
-    return int(ds.get("SamplesPerPixel", 1)) == 3 or _photometric(ds) == "PALETTE COLOR"
+    return _integer(ds, "SamplesPerPixel", 1) == 3 or _photometric(ds) == "PALETTE COLOR"
 
 
 def _modality_transform(
@@ -634,8 +896,8 @@ def _modality_transform(
     slope, intercept, present = _rescale(ds, index)
     values = pixels.astype(np.float64) * slope + intercept
     seq = "FrameVOILUTSequence"
-    center = _first(_attr(ds, "WindowCenter", index, seq))
-    width = _first(_attr(ds, "WindowWidth", index, seq))
+    center = _number(ds, "WindowCenter", index, seq)
+    width = _number(ds, "WindowWidth", index, seq)
     photometric = _photometric(ds)
     inverted = photometric == "MONOCHROME1"
     if inverted:
@@ -646,19 +908,19 @@ def _modality_transform(
         values = (low + high) - values
         if center is not None:
             center = (low + high) - center
-    modality = ds.get("Modality")
-    scaling = ds.get("DoseGridScaling")
+    modality = _text(ds, "Modality")
+    scaling = _number(ds, "DoseGridScaling")
     if scaling is not None:
         # RT Dose stores dose / DoseGridScaling as integers.
-        values = values * float(scaling)
-    if scaling is not None and ds.get("DoseUnits"):
-        units = str(ds.DoseUnits)
+        values = values * scaling
+    if scaling is not None and _text(ds, "DoseUnits"):
+        units = _text(ds, "DoseUnits")
     elif present and modality == "CT":
         units = "HU"
-    elif present and ds.get("RescaleType"):
-        units = str(ds.RescaleType)
-    elif modality == "PT" and ds.get("Units"):
-        units = str(ds.Units)
+    elif present and _text(ds, "RescaleType"):
+        units = _text(ds, "RescaleType")
+    elif modality == "PT" and _text(ds, "Units"):
+        units = _text(ds, "Units")
     else:
         units = None
     meta = {
@@ -674,25 +936,41 @@ def _modality_transform(
 
 
 def _geometry(ds: Any, index: int) -> tuple[np.ndarray | None, np.ndarray | None, tuple]:
-    """Orientation (6,), position (3,) and pixel spacing (row, column) of one frame."""
-    orientation = _attr(ds, "ImageOrientationPatient", index, "PlaneOrientationSequence")
-    position = _attr(ds, "ImagePositionPatient", index, "PlanePositionSequence")
-    spacing = _attr(ds, "PixelSpacing", index, "PixelMeasuresSequence")
+    """Orientation (6,), position (3,) and pixel spacing (row, column) of one frame.
+
+    Raises naming the tag for a spacing that is not positive, or direction cosines that
+    are not two non-parallel vectors.
+    """
+    orientation = _number(ds, "ImageOrientationPatient", index, "PlaneOrientationSequence", count=6)
+    position = _number(ds, "ImagePositionPatient", index, "PlanePositionSequence", count=3)
+    keyword = "PixelSpacing"
+    spacing = _number(ds, keyword, index, "PixelMeasuresSequence", count=2)
     if spacing is None:
-        spacing = ds.get("ImagerPixelSpacing")
+        keyword = "ImagerPixelSpacing"
+        spacing = _number(ds, keyword, count=2)
+    if spacing is not None and not (spacing > 0).all():
+        raise DataError(
+            f"{_source(ds)}: tag {_tag_name(keyword)} is {_shown(spacing.tolist())}; pixel "
+            "spacing must be positive"
+        )
+    if orientation is not None:
+        row, col = orientation[:3], orientation[3:]
+        normal = np.cross(row, col)
+        if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-6 or np.linalg.norm(normal) < 1e-6:
+            raise DataError(
+                f"{_source(ds)}: tag {_tag_name('ImageOrientationPatient')} is "
+                f"{_shown(orientation.tolist())}; it must hold two non-parallel direction "
+                "vectors"
+            )
     pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None else None
-    return (
-        np.asarray(orientation, dtype=np.float64) if orientation is not None else None,
-        np.asarray(position, dtype=np.float64) if position is not None else None,
-        pixel_spacing,
-    )
+    return orientation, position, pixel_spacing
 
 
 def _slice_step(ds: Any, index: int = 0) -> float | None:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _attr(ds, keyword, index, "PixelMeasuresSequence")
-        if value is not None and float(value) > 0:
-            return float(value)
+        value = _number(ds, keyword, index, "PixelMeasuresSequence")
+        if value is not None and value > 0:
+            return value
     return None
 
 
@@ -712,21 +990,28 @@ def _affine(
 
 
 def _ds_meta(ds: Any, path: Path) -> dict[str, Any]:
-    syntax = ds.file_meta.get("TransferSyntaxUID")
     return {
         "format": "dicom",
         "sop_class": _sop_name(ds),
-        "transfer_syntax": str(syntax.name) if syntax is not None else None,
-        "series_description": str(ds.get("SeriesDescription", "")) or None,
-        "bits_stored": int(ds.get("BitsStored", 0)) or None,
+        "transfer_syntax": _syntax_name(ds),
+        "series_description": _text(ds, "SeriesDescription") or None,
+        "bits_stored": _integer(ds, "BitsStored", 0) or None,
     }
+
+
+def _syntax_name(ds: Any) -> str:
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        return str(syntax.name) if syntax is not None else "unknown transfer syntax"
+    except Exception:  # a corrupt UID in the file meta
+        return "unknown transfer syntax"
 
 
 def _to_2d_image(
     pixels: np.ndarray, ds: Any, index: int, path: Path
 ) -> tuple[np.ndarray, dict[str, Any], bool]:
     """One frame: colour frames become (3, H, W); grey ones get the modality transform."""
-    samples = int(ds.get("SamplesPerPixel", 1))
+    samples = _integer(ds, "SamplesPerPixel", 1)
     if samples == 1 and _photometric(ds) == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
@@ -735,7 +1020,7 @@ def _to_2d_image(
     if samples == 3:
         return np.moveaxis(pixels, -1, 0).astype(np.float32), {"units": None}, True
     if samples != 1:
-        raise ValueError(f"{path}: {samples} samples per pixel are not supported")
+        raise DataError(f"{path}: {samples} samples per pixel are not supported")
     values, meta = _modality_transform(pixels, ds, index, path)
     return values, meta, False
 
@@ -743,22 +1028,22 @@ def _to_2d_image(
 def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
     ds = _read_dataset(path)
     pixels = _pixels(ds, path)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _integer(ds, "NumberOfFrames", 1) or 1
     meta = _ds_meta(ds, path)
     meta["n_frames"] = n_frames
     if n_frames == 1:
         if frame is not None:
-            raise ValueError(f"{path}: frame={frame} given but the file has a single frame")
+            raise DataError(f"{path}: frame={frame} given but the file has a single frame")
         indices = [0]
         pixels = pixels[None]
     elif frame is not None:
         if frame >= n_frames:
-            raise ValueError(f"{path}: frame {frame} out of range, the file has {n_frames}")
+            raise DataError(f"{path}: frame {frame} out of range, the file has {n_frames}")
         indices = [frame]
         pixels = pixels[frame][None]
     else:
         if _is_colour(ds):
-            raise ValueError(
+            raise DataError(
                 f"{path}: a colour multi-frame file cannot be one array; pick a frame with "
                 f"frame=0...{n_frames - 1}"
             )
@@ -771,7 +1056,7 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
         frames.append(values)
         frame_meta = frame_meta or frame_meta_k
     meta.update(frame_meta)
-    modality = str(ds.Modality) if "Modality" in ds else None
+    modality = _text(ds, "Modality") or None
 
     orientation, position, pixel_spacing = _geometry(ds, indices[0])
     meta["spacing_units"] = "mm" if pixel_spacing is not None else "pixel"
@@ -791,12 +1076,12 @@ def _load_dicom_file(path: Path, frame: int | None) -> LoadedImage:
 
     array = np.stack(frames)
     positions = [_geometry(ds, i)[1] for i in indices]
-    offsets = ds.get("GridFrameOffsetVector")
+    offsets = _numbers(ds, "GridFrameOffsetVector")
     if geometry_known and offsets is not None and len(offsets) == n_frames:
         # RT Dose: frames share ImagePositionPatient and sit at these offsets along the
         # normal (PS3.3 C.8.8.3.2).
         normal = np.cross(orientation[:3], orientation[3:])
-        positions = [position + normal * float(offsets[i]) for i in indices]
+        positions = [position + normal * offsets[i] for i in indices]
     step_vector, slice_spacing = None, _slice_step(ds) or 1.0
     if geometry_known and all(p is not None for p in positions):
         normal = np.cross(orientation[:3], orientation[3:])
@@ -825,10 +1110,10 @@ def _is_dicom_candidate(path: Path) -> bool:
 
 def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
     if frame is not None:
-        raise ValueError(f"{folder}: frame= applies to a multi-frame DICOM file, not a folder")
+        raise DataError(f"{folder}: frame= applies to a multi-frame DICOM file, not a folder")
     files = sorted(p for p in folder.iterdir() if _is_dicom_candidate(p))
     if not files:
-        raise ValueError(f"{folder}: contains no DICOM files (.dcm or with the DICM marker)")
+        raise DataError(f"{folder}: contains no DICOM files (.dcm or with the DICM marker)")
     slices, skipped = [], []
     for file in files:
         ds = _read_dataset(file)
@@ -840,10 +1125,10 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
             continue
         slices.append((file, ds))
     if not slices:
-        raise ValueError(f"{folder}: has no pixel data in any of its {len(files)} DICOM files")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+        raise DataError(f"{folder}: has no pixel data in any of its {len(files)} DICOM files")
+    series = {_text(ds, "SeriesInstanceUID") for _, ds in slices}
     if len(series) > 1:
-        raise ValueError(
+        raise DataError(
             f"{folder}: holds {len(series)} series; put one series per folder or load files "
             "one by one"
         )
@@ -859,14 +1144,14 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
             image.is_color,
         )
     for file, ds in slices:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
-            raise ValueError(
+        if (_integer(ds, "NumberOfFrames", 1) or 1) > 1 or _is_colour(ds):
+            raise DataError(
                 f"{folder}: {file.name} is multi-frame or colour; a folder must hold "
                 "single-frame greyscale slices"
             )
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    shapes = {(_integer(ds, "Rows", 0), _integer(ds, "Columns", 0)) for _, ds in slices}
     if len(shapes) > 1:
-        raise ValueError(f"{folder}: slices have different sizes {sorted(shapes)}")
+        raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}")
 
     ordered, spacing_0, step_vector, meta = _order_slices(folder, slices)
     frames, first_meta = [], {}
@@ -890,7 +1175,7 @@ def _load_dicom_series(folder: Path, frame: int | None) -> LoadedImage:
         "skipped_files": skipped,
         "spacing_units": "mm" if pixel_spacing is not None else "pixel",
     }
-    modality = str(first.Modality) if "Modality" in first else None
+    modality = _text(first, "Modality") or None
     return LoadedImage(array, (spacing_0, *in_plane), affine, modality, folder, meta, False)
 
 
@@ -902,13 +1187,13 @@ def _order_slices(
     if all(o is not None and p is not None for o, p, _ in geometry):
         orientation = geometry[0][0]
         if any(not np.allclose(o, orientation, atol=1e-4) for o, _, _ in geometry):
-            raise ValueError(f"{folder}: slices have different ImageOrientationPatient")
+            raise DataError(f"{folder}: slices have different ImageOrientationPatient")
         normal = np.cross(orientation[:3], orientation[3:])
         distances = np.array([float(p @ normal) for _, p, _ in geometry])
         order = np.argsort(distances, kind="stable")
         gaps = np.diff(distances[order])
         if np.any(np.abs(gaps) < 1e-4):
-            raise ValueError(
+            raise DataError(
                 f"{folder}: two slices share a position along the normal; the folder may "
                 "mix acquisitions (echoes, time points)"
             )
@@ -921,9 +1206,9 @@ def _order_slices(
             "uniform_spacing": bool(np.ptp(gaps) <= 1e-3 * spacing),
         }
         return ordered, spacing, step, notes
-    numbers = [ds.get("InstanceNumber") for _, ds in slices]
+    numbers = [_number(ds, "InstanceNumber") for _, ds in slices]
     if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
-        order = np.argsort([int(n) for n in numbers], kind="stable")
+        order = np.argsort(numbers, kind="stable")
         ordered = [slices[i] for i in order]
         notes = {"slice_order": "InstanceNumber"}
     else:

@@ -39,10 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trustmap.errors import DataError, InputTypeError, MissingFileError
+
 __all__ = ["boxes_to_mask", "read_rsna_boxes", "rle_decode", "rle_encode"]
 
 #: Columns of the RSNA labels file.
 RSNA_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
+
+#: Largest number in a run-length string (pixel index or run length): 2**40 pixels is far
+#: beyond any image, and keeps every sum of starts and lengths inside int64.
+MAX_RLE_NUMBER = 2**40
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,14 +87,14 @@ def read_table(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: is not a UTF-8 text CSV file ({exc})") from exc
+        raise DataError(f"{path}: is not a UTF-8 text CSV file ({exc})") from exc
     if not text.strip():
         size = path.stat().st_size
-        raise ValueError(
+        raise DataError(
             f"{path}: is empty ({size} bytes); expected a header row"
             + (f" with columns {', '.join(required)}" if required else "")
             + " and one row per item"
@@ -107,7 +113,7 @@ def read_table(
                 continue
             line = reader.line_num
             if len(fields) > len(header):
-                raise ValueError(
+                raise DataError(
                     f"{path} row {line}: has {len(fields)} fields but the header has "
                     f"{len(header)} ({', '.join(header)})"
                 )
@@ -117,10 +123,14 @@ def read_table(
             )
             rows.append(CsvRow(line, values))
     except csv.Error as exc:
-        raise ValueError(f"{path} row {reader.line_num}: malformed CSV ({exc})") from exc
-    assert header is not None  # the text is not blank, so some row had a field
+        raise DataError(f"{path} row {reader.line_num}: malformed CSV ({exc})") from exc
+    if header is None:  # only blank fields, e.g. a line of commas
+        raise DataError(
+            f"{path}: has no header row, only empty fields"
+            + (f"; expected columns {', '.join(required)}" if required else "")
+        )
     if not rows:
-        raise ValueError(f"{path}: has a header ({', '.join(header)}) but no data rows")
+        raise DataError(f"{path}: has a header ({', '.join(header)}) but no data rows")
     return header, rows
 
 
@@ -128,11 +138,11 @@ def _check_header(path: Path, header: list[str], required: Sequence[str]) -> Non
     seen: set[str] = set()
     for name in header:
         if name in seen:
-            raise ValueError(f"{path}: column {name!r} appears twice in the header")
+            raise DataError(f"{path}: column {name!r} appears twice in the header")
         seen.add(name)
     missing = [name for name in required if name not in seen]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path}: the header row ({', '.join(header) or 'empty'}) lacks the required "
             f"column(s) {', '.join(missing)}"
         )
@@ -145,7 +155,7 @@ def _check_header(path: Path, header: list[str], required: Sequence[str]) -> Non
 def _check_shape(height: object, width: object) -> tuple[int, int]:
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
     return int(height), int(width)  # type: ignore[arg-type]
 
 
@@ -171,28 +181,40 @@ def parse_rle(rle: str | None, *, relative: bool = True) -> tuple[np.ndarray, np
     if _is_empty_rle(rle):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if not isinstance(rle, str):
-        raise TypeError(f"an RLE mask must be a string, got {type(rle).__name__}")
+        raise InputTypeError(f"an RLE mask must be a string, got {type(rle).__name__}")
     tokens = rle.split()
     values = np.empty(len(tokens), dtype=np.int64)
     for k, token in enumerate(tokens):
         if not (token.isascii() and token.isdigit()):
-            raise ValueError(
-                f"RLE number {k + 1} ({token!r}) is not a non-negative integer; expected "
+            raise DataError(
+                f"RLE number {k + 1} ({_short(token)}) is not a non-negative integer; expected "
                 "space-separated 'start length' pairs or -1"
             )
-        values[k] = int(token)
+        value = int(token)
+        if value > MAX_RLE_NUMBER:
+            raise DataError(
+                f"RLE number {k + 1} ({_short(token)}) is larger than any image: at most "
+                f"{MAX_RLE_NUMBER} pixels are supported"
+            )
+        values[k] = value
     if len(values) % 2:
-        raise ValueError(
+        raise DataError(
             f"RLE has {len(values)} numbers, an odd count; expected 'start length' pairs"
         )
     starts, lengths = values[0::2], values[1::2]
     if relative:
-        # Each start counts from the end of the previous run.
+        # Each start counts from the end of the previous run. The sums are checked in
+        # floating point first: with many huge numbers int64 would wrap around silently.
+        if len(values) and float(np.sum(values, dtype=np.float64)) > MAX_RLE_NUMBER:
+            raise DataError(
+                f"RLE runs end past pixel {MAX_RLE_NUMBER}, beyond any image: the relative "
+                "starts and lengths add up to more than that"
+            )
         absolute = np.cumsum(starts) + np.cumsum(lengths) - lengths
     else:
         if len(starts) and starts.min() < 1:
             k = int(np.argmin(starts))
-            raise ValueError(f"RLE pair {k + 1} starts at {starts[k]}; absolute starts are 1-based")
+            raise DataError(f"RLE pair {k + 1} starts at {starts[k]}; absolute starts are 1-based")
         absolute = starts - 1
     return absolute, lengths
 
@@ -224,7 +246,7 @@ def rle_decode(rle: str | None, height: int, width: int, *, relative: bool = Tru
     over = np.flatnonzero(ends > n)
     if len(over):
         k = int(over[0])
-        raise ValueError(
+        raise DataError(
             f"RLE pair {k + 1} (numbers {2 * k + 1}-{2 * k + 2}) covers pixels "
             f"{starts[k]}-{ends[k] - 1}, past the last pixel {n - 1} of a {height}x{width} "
             "image (pixels counted down the columns from 0)"
@@ -246,7 +268,7 @@ def rle_encode(mask: np.ndarray | torch.Tensor, *, relative: bool = True) -> str
         mask = mask.detach().cpu().numpy()
     array = np.asarray(mask)
     if array.ndim != 2:
-        raise ValueError(f"rle_encode needs a 2D (height, width) mask, got shape {array.shape}")
+        raise DataError(f"rle_encode needs a 2D (height, width) mask, got shape {array.shape}")
     flat = np.ravel(array != 0, order="F")
     padded = np.concatenate(([False], flat, [False])).astype(np.int8)
     steps = np.diff(padded)
@@ -263,6 +285,11 @@ def rle_encode(mask: np.ndarray | torch.Tensor, *, relative: bool = True) -> str
     return " ".join(str(int(v)) for v in pairs)
 
 
+def _short(text: str, limit: int = 24) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[: limit - 4]}...' ({len(text)} characters)"
+
+
 # ---------------------------------------------------------------------------------------
 # Boxes
 
@@ -277,9 +304,9 @@ def _number(row: CsvRow, column: str, path: Path) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{path} row {row.line}: {column} is {text!r}, not a number") from None
+        raise DataError(f"{path} row {row.line}: {column} is {text!r}, not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{path} row {row.line}: {column} is {text!r}, not a finite number")
+        raise DataError(f"{path} row {row.line}: {column} is {text!r}, not a finite number")
     return value
 
 
@@ -310,32 +337,33 @@ def parse_rsna(path: str | os.PathLike[str]) -> dict[str, RsnaPatient]:
     for row in rows:
         pid = row.get("patientId")
         if not pid:
-            raise ValueError(f"{path} row {row.line}: empty patientId")
+            raise DataError(f"{path} row {row.line}: empty patientId")
         target_value = _number(row, "Target", path)
         if target_value not in (0.0, 1.0):
-            raise ValueError(
+            raise DataError(
                 f"{path} row {row.line}: Target is {row.get('Target')!r}; expected 0 or 1"
             )
         target = int(target_value)
         coords = [_number(row, c, path) for c in ("x", "y", "width", "height")]
         if target == 1:
             if any(v is None for v in coords):
-                raise ValueError(
+                raise DataError(
                     f"{path} row {row.line}: Target is 1 but the box (x, y, width, height) "
                     f"is incomplete: {[row.get(c) for c in ('x', 'y', 'width', 'height')]}"
                 )
             if coords[2] <= 0 or coords[3] <= 0:  # type: ignore[operator]
-                raise ValueError(
+                raise DataError(
                     f"{path} row {row.line}: box width and height must be positive, got "
                     f"{coords[2]} x {coords[3]}"
                 )
+            check_box_extent(coords, f"{path} row {row.line}")  # type: ignore[arg-type]
         elif any(v is not None for v in coords):
-            raise ValueError(
+            raise DataError(
                 f"{path} row {row.line}: Target is 0 but the row has a box; negatives "
                 "have empty x, y, width, height"
             )
         if pid in targets and targets[pid] != target:
-            raise ValueError(
+            raise DataError(
                 f"{path} row {row.line}: patient {pid} has Target {target} here but "
                 f"{targets[pid]} in row {lines[pid][0]}"
             )
@@ -355,6 +383,24 @@ def read_rsna_boxes(csv_path: str | os.PathLike[str]) -> dict[str, list[tuple[fl
     errors raised.
     """
     return {pid: list(patient.boxes) for pid, patient in parse_rsna(csv_path).items()}
+
+
+def check_box_extent(box: Sequence[float], where: str) -> None:
+    """Raise naming ``where`` when a box's far edge (``x + width``, ...) is not finite."""
+    for start, extent, name in zip(box[0::2], box[2::2], ("x + width", "y + height")):
+        if not math.isfinite(start + extent):
+            raise DataError(f"{where}: the box's {name} ({start} + {extent}) is not finite")
+    if len(box) == 6 and not math.isfinite(box[4] + box[5]):
+        raise DataError(f"{where}: the box's z + depth ({box[4]} + {box[5]}) is not finite")
+
+
+def box_in_image(box: Sequence[float], height: int, width: int, depth: int | None = None) -> bool:
+    """Whether a box covers at least one pixel of the image (see :func:`boxes_to_mask`)."""
+    values = [float(v) for v in box]
+    ranges = [_box_range(values[0], values[2], width), _box_range(values[1], values[3], height)]
+    if depth is not None and len(values) == 6:
+        ranges.append(_box_range(values[4], values[5], depth))
+    return all(hi > lo for lo, hi in ranges)
 
 
 def _box_range(start: float, extent: float, size: int) -> tuple[int, int]:
@@ -405,11 +451,12 @@ def boxes_to_mask(
         values = [float(v) for v in box]
         if len(values) != n_values:
             form = "(x, y, width, height)" if depth is None else "(x, y, width, height, z, depth)"
-            raise ValueError(f"box {k} has {len(values)} values, expected {form}: {box!r}")
+            raise DataError(f"box {k} has {len(values)} values, expected {form}: {box!r}")
         if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"box {k} has a non-finite value: {box!r}")
+            raise DataError(f"box {k} has a non-finite value: {box!r}")
+        check_box_extent(values, f"box {k}")
         if values[2] < 0 or values[3] < 0 or (depth is not None and values[5] < 0):
-            raise ValueError(f"box {k} has a negative size: {box!r}")
+            raise DataError(f"box {k} has a negative size: {box!r}")
         c0, c1 = _box_range(values[0], values[2], width)
         r0, r1 = _box_range(values[1], values[3], height)
         if depth is None:

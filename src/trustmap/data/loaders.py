@@ -28,6 +28,7 @@ radiographs are 1024x1024).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,12 +48,15 @@ from trustmap.data.datasets import (
 from trustmap.data.io import LoadedImage, load
 from trustmap.data.labels import (
     CsvRow,
+    box_in_image,
     boxes_to_mask,
+    check_box_extent,
     parse_rle,
     parse_rsna,
     read_table,
     rle_decode,
 )
+from trustmap.errors import DataError, MissingFileError
 
 __all__ = [
     "FolderDataset",
@@ -72,6 +76,9 @@ _SPLIT_ALIASES = {
     "test": "test",
 }
 _DEFAULT_CLASSES = ("negative", "positive")
+#: Class indices a MedMNIST file may use without naming its classes (MedMNIST has at most
+#: 14); a label of 2**40 must not make a list of 2**40 names.
+MAX_CLASSES = 1000
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 weights for RGB -> grey
 
 
@@ -99,9 +106,9 @@ def _read(path: Path, where: str, shown: str) -> LoadedImage:
     try:
         return load(path)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{where}: {shown} does not exist") from exc
+        raise MissingFileError(f"{where}: {shown} does not exist") from exc
     except ValueError as exc:
-        raise ValueError(f"{where}: cannot read {shown}: {exc}") from exc
+        raise DataError(f"{where}: cannot read {shown}: {exc}") from exc
 
 
 def _spatial_array(image: LoadedImage, spatial_dims: int, where: str, shown: str) -> np.ndarray:
@@ -109,26 +116,28 @@ def _spatial_array(image: LoadedImage, spatial_dims: int, where: str, shown: str
     array = image.array
     if image.is_color:
         if spatial_dims != 2:
-            raise ValueError(f"{where}: {shown} is a colour image but the dataset is 3D")
+            raise DataError(f"{where}: {shown} is a colour image but the dataset is 3D")
         return array
     if spatial_dims == 2 and array.ndim == 3 and array.shape[0] == 1:
         array = array[0]  # a 2D image stored as a one-slice volume
     if array.ndim != spatial_dims:
-        raise ValueError(
+        raise DataError(
             f"{where}: {shown} is {array.ndim}D with shape {array.shape}, the dataset is "
             f"{spatial_dims}D"
         )
     return array[None]
 
 
-def _to_channels(array: np.ndarray, channels: int, where: str, shown: str) -> np.ndarray:
+def to_channels(array: np.ndarray, channels: int, where: str, shown: str) -> np.ndarray:
+    """``(C, *spatial)`` with ``channels`` channels: colour to grey (BT.601 luma) or grey
+    repeated; any other change raises naming ``where`` and ``shown``."""
     if array.shape[0] == channels:
         return array
     if array.shape[0] == 3 and channels == 1:
         return np.tensordot(_LUMA, array.astype(np.float64), axes=1)[None].astype(np.float32)
     if array.shape[0] == 1:
         return np.repeat(array, channels, axis=0)
-    raise ValueError(f"{where}: {shown} has {array.shape[0]} channels, the dataset {channels}")
+    raise DataError(f"{where}: {shown} has {array.shape[0]} channels, {channels} are needed")
 
 
 def _load_image(
@@ -142,11 +151,11 @@ def _load_image(
 ) -> tuple[torch.Tensor, LoadedImage]:
     shown = _display(path, root)
     image = _read(path, where, shown)
-    array = _to_channels(_spatial_array(image, spatial_dims, where, shown), channels, where, shown)
+    array = to_channels(_spatial_array(image, spatial_dims, where, shown), channels, where, shown)
     try:
         mapped = map_intensity(array, intensity, meta=image.meta)
     except ValueError as exc:
-        raise ValueError(f"{where}: {shown}: {exc}") from exc
+        raise DataError(f"{where}: {shown}: {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(mapped)), image
 
 
@@ -167,7 +176,7 @@ def _load_mask(
     if len(spatial) == 2 and array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if tuple(array.shape) != spatial:
-        raise ValueError(
+        raise DataError(
             f"{where}: {what} {shown} has shape {tuple(array.shape)} but its image "
             f"{image_shown} has {spatial}"
         )
@@ -189,7 +198,7 @@ def _dicom_index(folder: Path, where: str) -> dict[str, Path]:
     for path in sorted(folder.rglob("*.dcm")):
         stem = path.stem
         if stem in found:
-            raise ValueError(
+            raise DataError(
                 f"{where}: two DICOM files have the id {stem}: {found[stem]} and {path}"
             )
         found[stem] = path
@@ -205,7 +214,7 @@ def _under(root: Path, path: str | os.PathLike[str] | None) -> Path:
 
 def _resolve_missing(missing: str) -> str:
     if missing not in ("error", "skip"):
-        raise ValueError(f"missing must be 'error' or 'skip', got {missing!r}")
+        raise DataError(f"missing must be 'error' or 'skip', got {missing!r}")
     return missing
 
 
@@ -220,17 +229,23 @@ def _read_card(root: Path) -> dict[str, Any]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(card, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(card).__name__}")
+        raise DataError(f"{path}: expected a JSON object, got {type(card).__name__}")
     version = card.get("format_version", 1)
     if version != 1:
-        raise ValueError(f"{path}: format_version {version!r} is not supported (expected 1)")
+        raise DataError(f"{path}: format_version {version!r} is not supported (expected 1)")
     return card
 
 
+def _is_integer_text(text: str) -> bool:
+    """``"3"``, ``"-1"``: ASCII digits only (``"²"`` and ``"٣"`` are digits to Python)."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
 def _parse_label(text: str, classes: Sequence[str], where: str) -> int:
-    if text.lstrip("-").isdigit():
+    if _is_integer_text(text):
         value = int(text)
         if 0 <= value < len(classes):
             return value
@@ -241,7 +256,7 @@ def _parse_label(text: str, classes: Sequence[str], where: str) -> int:
         if text.casefold() in folded:
             return folded.index(text.casefold())
     shown = f"{text!r}" if text else "empty"
-    raise ValueError(
+    raise DataError(
         f"{where}: unknown label {shown}; expected 0...{len(classes) - 1} or one of the class "
         f"names {list(classes)}"
     )
@@ -250,7 +265,7 @@ def _parse_label(text: str, classes: Sequence[str], where: str) -> int:
 def _parse_split(text: str, where: str) -> str:
     split = _SPLIT_ALIASES.get(text.lower())
     if split is None:
-        raise ValueError(f"{where}: unknown split {text!r}; expected one of {', '.join(SPLITS)}")
+        raise DataError(f"{where}: unknown split {text!r}; expected one of {', '.join(SPLITS)}")
     return split
 
 
@@ -292,10 +307,10 @@ class FolderDataset(ImageDataset):
     ) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such dataset directory")
+            raise MissingFileError(f"{root}: no such dataset directory")
         manifest = root / "manifest.csv"
         if not manifest.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{root}: has no manifest.csv (columns image,label[,split,mask,...])"
             )
         card = _read_card(root)
@@ -306,10 +321,16 @@ class FolderDataset(ImageDataset):
         classes = card.get("classes")
         if classes is None:
             names = {row.get("label") for row in rows}
-            non_numeric = sorted(n for n in names if not n.lstrip("-").isdigit())
+            non_numeric = sorted(n for n in names if not _is_integer_text(n))
             classes = non_numeric if len(non_numeric) >= 2 else list(_DEFAULT_CLASSES)
-        if not isinstance(classes, list | tuple) or len(classes) < 2:
-            raise ValueError(f"{root / 'dataset.json'}: classes must list at least two names")
+        if (
+            not isinstance(classes, list | tuple)
+            or len(classes) < 2
+            or not all(isinstance(c, str) and c for c in classes)
+        ):
+            raise DataError(
+                f"{root / 'dataset.json'}: classes must list at least two names, got {classes!r}"
+            )
 
         self._paths: list[Path] = []
         self._masks: list[Path | None] = []
@@ -325,15 +346,15 @@ class FolderDataset(ImageDataset):
             where = f"manifest.csv row {row.line}"
             image = row.get("image")
             if not image:
-                raise ValueError(f"{where}: empty image path")
+                raise DataError(f"{where}: empty image path")
             if image in seen_paths:
-                raise ValueError(
+                raise DataError(
                     f"{where}: image {image} is listed twice (also row {seen_paths[image]})"
                 )
             seen_paths[image] = row.line
             sample_id = _strip_suffix(Path(image).name)
             if sample_id in seen_ids:
-                raise ValueError(
+                raise DataError(
                     f"{where}: duplicate id {sample_id!r} ({image}; also row {seen_ids[sample_id]})"
                 )
             seen_ids[sample_id] = row.line
@@ -352,13 +373,15 @@ class FolderDataset(ImageDataset):
         if splits and any(splits):
             if not all(splits):
                 first = next(r for r, s in zip(rows, splits) if not s)
-                raise ValueError(
+                raise DataError(
                     f"manifest.csv row {first.line}: empty split while other rows have one; "
                     "give every row train, val or test, or leave the column empty"
                 )
             split_array = np.asarray(splits, dtype=object)
 
         spatial_dims = card.get("spatial_dims") or self._guess_dims(self._paths[0])
+        in_channels = card.get("in_channels", 1)
+        _check_card(root, spatial_dims, in_channels, card.get("spacing"))
         boxes_file = root / "boxes.csv"
         self._boxes = (
             self._read_boxes(boxes_file, ids, spatial_dims) if boxes_file.is_file() else None
@@ -375,14 +398,14 @@ class FolderDataset(ImageDataset):
                 (False, False): "none",
             }[(with_mask, with_boxes)]
         if ground_truth not in GROUND_TRUTH_KINDS:
-            raise ValueError(f"{root / 'dataset.json'}: unknown ground_truth {ground_truth!r}")
+            raise DataError(f"{root / 'dataset.json'}: unknown ground_truth {ground_truth!r}")
         if "mask" in ground_truth and not has_mask_column:
-            raise ValueError(
+            raise DataError(
                 f"{manifest}: dataset.json says ground_truth {ground_truth!r} but the manifest "
                 "has no mask column"
             )
         if "boxes" in ground_truth and self._boxes is None:
-            raise ValueError(
+            raise DataError(
                 f"{root}: dataset.json says ground_truth {ground_truth!r} but there is no boxes.csv"
             )
         self.intensity = normalize_intensity(intensity or card.get("intensity") or "minmax")
@@ -392,7 +415,7 @@ class FolderDataset(ImageDataset):
             name=card.get("name") or root.name,
             classes=classes,
             spatial_dims=int(spatial_dims),
-            in_channels=int(card.get("in_channels", 1)),
+            in_channels=int(in_channels),
             ground_truth=ground_truth,
             labels=labels,
             ids=ids,
@@ -406,7 +429,7 @@ class FolderDataset(ImageDataset):
         path = Path(relative)
         path = path if path.is_absolute() else root / path
         if not path.is_file():
-            raise FileNotFoundError(f"{where}: {what} {relative} does not exist")
+            raise MissingFileError(f"{where}: {what} {relative} does not exist")
         return path
 
     def _optional(self, root: Path, row: CsvRow, column: str, where: str) -> Path | None:
@@ -421,7 +444,7 @@ class FolderDataset(ImageDataset):
             try:
                 shape = nib.load(path).shape
             except Exception as exc:  # nibabel raises many types on garbage
-                raise ValueError(f"{path}: not a readable NIfTI file ({exc})") from exc
+                raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
             return 3 if len(shape) >= 3 and shape[2] > 1 else 2
         return 2
 
@@ -438,20 +461,21 @@ class FolderDataset(ImageDataset):
             ref = row.get("image")
             key = _strip_suffix(Path(ref).name)
             if key not in index:
-                raise ValueError(f"{where}: image {ref!r} is not in manifest.csv")
+                raise DataError(f"{where}: image {ref!r} is not in manifest.csv")
             values = []
             for column in columns[1:]:
                 text = row.get(column)
                 try:
                     value = float(text)
                 except ValueError:
-                    raise ValueError(f"{where}: {column} is {text!r}, not a number") from None
+                    raise DataError(f"{where}: {column} is {text!r}, not a number") from None
                 if not np.isfinite(value):
-                    raise ValueError(f"{where}: {column} is {text!r}, not a finite number")
+                    raise DataError(f"{where}: {column} is {text!r}, not a finite number")
                 values.append(value)
             sizes = values[2:4] + (values[5:6] if spatial_dims == 3 else [])
             if min(sizes) <= 0:
-                raise ValueError(f"{where}: box sizes must be positive, got {values}")
+                raise DataError(f"{where}: box sizes must be positive, got {values}")
+            check_box_extent(values, where)
             boxes.setdefault(index[key], []).append(tuple(values))
         return boxes
 
@@ -469,6 +493,7 @@ class FolderDataset(ImageDataset):
         spatial = tuple(image.shape[1:])
         shown = _display(path, self.root)
         boxes = tuple(self._boxes.get(index, ())) if self._boxes is not None else ()
+        _check_boxes_inside(boxes, spatial, where, shown)
         mask = None
         if "mask" in self.ground_truth:
             mask_path = self._masks[index]
@@ -504,6 +529,42 @@ class FolderDataset(ImageDataset):
             "lesion_type": self._lesions[index] or None,
         }
         return Sample(image, int(self.labels[index]), mask, boxes, token_mask, meta)
+
+
+def _check_card(root: Path, spatial_dims: object, in_channels: object, spacing: object) -> None:
+    """The card's numbers, checked before they are used, naming dataset.json and the key."""
+    card = root / "dataset.json"
+    if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+        raise DataError(f"{card}: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise DataError(f"{card}: in_channels must be a positive integer, got {in_channels!r}")
+    if spacing is None:
+        return
+    if (
+        not isinstance(spacing, list | tuple)
+        or len(spacing) != spatial_dims
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in spacing
+        )
+    ):
+        raise DataError(
+            f"{card}: spacing must list {spatial_dims} positive voxel sizes in mm, got {spacing!r}"
+        )
+
+
+def _check_boxes_inside(
+    boxes: Sequence[tuple], spatial: tuple[int, ...], where: str, shown: str
+) -> None:
+    """A box that covers no pixel of its image would give an empty mask for a positive."""
+    depth = spatial[0] if len(spatial) == 3 else None
+    for box in boxes:
+        if not box_in_image(box, spatial[-2], spatial[-1], depth):
+            size = "x".join(str(n) for n in spatial)
+            raise DataError(
+                f"{where}: box {tuple(box)} lies outside the {size} image {shown} (x is the "
+                "column and y the row of its top-left corner, in pixels)"
+            )
 
 
 def _boxes_mask(boxes: Sequence[tuple], spatial: tuple[int, ...]) -> np.ndarray:
@@ -560,7 +621,7 @@ class _DicomCsvDataset(ImageDataset):
         if absent and missing == "error":
             k = absent[0]
             more = f" (and {len(absent) - 1} more ids)" if len(absent) > 1 else ""
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.csv_path.name} row {lines[k][0]}: no DICOM file {ids[k]}.dcm under "
                 f"{images}{more}; pass missing='skip' to leave such rows out"
             )
@@ -619,12 +680,12 @@ class SIIMDataset(_DicomCsvDataset):
             where = f"{self.csv_path.name} row {row.line}"
             image_id = row.get("ImageId")
             if not image_id:
-                raise ValueError(f"{where}: empty ImageId")
+                raise DataError(f"{where}: empty ImageId")
             text = row.get("EncodedPixels")
             try:
                 _, lengths = parse_rle(text, relative=relative)
             except ValueError as exc:
-                raise ValueError(f"{where} (ImageId {image_id}): {exc}") from exc
+                raise DataError(f"{where} (ImageId {image_id}): {exc}") from exc
             runs = rles.setdefault(image_id, [])
             if lengths.sum() > 0:  # "-1" and empty strings mark no finding
                 runs.append((row.line, text))
@@ -654,7 +715,7 @@ class SIIMDataset(_DicomCsvDataset):
             try:
                 mask |= rle_decode(text, height, width, relative=self.relative)
             except ValueError as exc:
-                raise ValueError(
+                raise DataError(
                     f"{self.csv_path.name} row {line} (ImageId {self.ids[index]}, image "
                     f"{_display(self._files[index], self.root)}): {exc}"
                 ) from exc
@@ -707,7 +768,11 @@ class RSNADataset(_DicomCsvDataset):
     def _load(self, index: int) -> Sample:
         image, loaded, _ = self._dicom(index)
         boxes = self._boxes[index]
-        mask = torch.from_numpy(_boxes_mask(boxes, tuple(image.shape[1:])))
+        spatial = tuple(image.shape[1:])
+        for box, line in zip(boxes, self._lines[index]):
+            where = f"{self.csv_path.name} row {line} (patientId {self.ids[index]})"
+            _check_boxes_inside([box], spatial, where, _display(self._files[index], self.root))
+        mask = torch.from_numpy(_boxes_mask(boxes, spatial))
         meta = self._meta(index, loaded)
         return Sample(image, int(self.labels[index]), mask, boxes, None, meta)
 
@@ -719,9 +784,11 @@ class RSNADataset(_DicomCsvDataset):
 class MedMNISTDataset(ImageDataset):
     """A MedMNIST ``.npz`` file: ``{train,val,test}_images`` and ``..._labels`` arrays.
 
-    Images are ``(N, H, W)`` (grey), ``(N, H, W, 3)`` (colour) or ``(N, D, H, W)`` (the 3D
+    Images are ``(N, H, W)`` (grey), channel-last ``(N, H, W, C)`` with C 1 (grey), 3
+    (colour) or 4 (RGBA, alpha dropped), or ``(N, D, H, W)`` / ``(N, D, H, W, 1)`` (the 3D
     sets); uint8 images map 0...255 to [0, 1] (other types by each image's min/max)
-    unless ``intensity`` says otherwise. Labels ``(N, 1)`` are class indices; multi-label
+    unless ``intensity`` says otherwise. Labels ``(N, 1)`` are class indices (at most
+    :data:`MAX_CLASSES` without ``classes=``); multi-label
     files (``(N, K)``, e.g. ChestMNIST) need ``label_column`` to pick the binary task.
     The split is the file's. There is no localization ground truth. A sample's ``row`` is
     its index within its split's arrays, its id ``<split>_<row>``.
@@ -751,17 +818,21 @@ class MedMNISTDataset(ImageDataset):
     ) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
         except Exception as exc:  # zipfile, zlib and numpy raise their own types
-            raise ValueError(
+            raise DataError(
                 f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})"
             ) from exc
+        for key, value in arrays.items():
+            # numpy hands back the raw bytes of a member that is not an .npy array.
+            if not isinstance(value, np.ndarray):
+                raise DataError(f"{path}: member {key!r} is not a NumPy array")
         present = [s for s in SPLITS if f"{s}_images" in arrays or f"{s}_labels" in arrays]
         if not present:
-            raise ValueError(
+            raise DataError(
                 f"{path}: has none of the MedMNIST arrays train_images/train_labels, "
                 f"val_*, test_*; it holds {sorted(arrays) or 'nothing'}"
             )
@@ -769,10 +840,13 @@ class MedMNISTDataset(ImageDataset):
         for split in present:
             for key in (f"{split}_images", f"{split}_labels"):
                 if key not in arrays:
-                    raise ValueError(f"{path}: has {split} arrays but no {key}")
+                    raise DataError(f"{path}: has {split} arrays but no {key}")
             x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            self._check_images(x, path, split)
+            if y.ndim == 0:
+                raise DataError(f"{path}: {split}_labels is a single value, not one per image")
             if len(x) != len(y):
-                raise ValueError(
+                raise DataError(
                     f"{path}: {split}_images has {len(x)} images but {split}_labels {len(y)} labels"
                 )
             images.append(x)
@@ -781,19 +855,23 @@ class MedMNISTDataset(ImageDataset):
             rows += range(len(x))
         shapes = {x.shape[1:] for x in images}
         if len(shapes) > 1:
-            raise ValueError(f"{path}: the splits' images have different shapes {sorted(shapes)}")
+            raise DataError(f"{path}: the splits' images have different shapes {sorted(shapes)}")
         shape = images[0].shape
-        dims, channels = self._layout(shape, spatial_dims, path)
+        dims, channels, self._channel_last = self._layout(shape, spatial_dims, path)
         self._images = images
         self._offsets = np.cumsum([0] + [len(x) for x in images])
-        self._colour = channels == 3
         self.path = path
         all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         n_classes = int(all_labels.max()) + 1 if len(all_labels) else 2
         if classes is None:
+            if n_classes > MAX_CLASSES:
+                raise DataError(
+                    f"{path}: a label is {n_classes - 1}; class indices go up to "
+                    f"{MAX_CLASSES - 1} unless classes= names every class"
+                )
             classes = [str(k) for k in range(max(n_classes, 2))]
         elif len(classes) < n_classes:
-            raise ValueError(
+            raise DataError(
                 f"{path}: labels go up to {n_classes - 1} but only {len(classes)} classes given"
             )
         default = (
@@ -820,42 +898,75 @@ class MedMNISTDataset(ImageDataset):
         if y.ndim == 1:
             y = y[:, None]
         if y.ndim != 2:
-            raise ValueError(
+            raise DataError(
                 f"{path}: {split}_labels has shape {y.shape}, expected (N, 1) or (N, K)"
             )
         if y.dtype.kind not in "iub" and not (
             y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))
         ):
-            raise ValueError(f"{path}: {split}_labels must hold integers, got {y.dtype}")
+            raise DataError(f"{path}: {split}_labels must hold integers, got {y.dtype}")
         if y.shape[1] > 1:
             if column is None:
-                raise ValueError(
+                raise DataError(
                     f"{path}: {split}_labels is multi-label with {y.shape[1]} columns; pass "
                     "label_column=k to use column k as a binary label"
                 )
             if not 0 <= column < y.shape[1]:
-                raise ValueError(f"{path}: label_column {column} out of range 0...{y.shape[1] - 1}")
+                raise DataError(f"{path}: label_column {column} out of range 0...{y.shape[1] - 1}")
             y = y[:, column : column + 1]
-        values = y[:, 0].astype(np.int64)
+        column_values = y[:, 0]
+        if len(column_values):
+            top = float(np.max(column_values.astype(np.float64)))
+            if top >= 2**31:
+                row = int(np.argmax(column_values))
+                raise DataError(
+                    f"{path}: {split}_labels[{row}] is {column_values[row]}, not a class index "
+                    f"(at most {MAX_CLASSES - 1} without classes=)"
+                )
+        values = column_values.astype(np.int64)
         if len(values) and values.min() < 0:
             row = int(np.argmin(values))
-            raise ValueError(f"{path}: {split}_labels[{row}] is {values[row]}, a negative label")
+            raise DataError(f"{path}: {split}_labels[{row}] is {values[row]}, a negative label")
         return values
 
     @staticmethod
-    def _layout(shape: tuple[int, ...], spatial_dims: int | None, path: Path) -> tuple[int, int]:
+    def _check_images(x: np.ndarray, path: Path, split: str) -> None:
+        if x.ndim < 3:
+            raise DataError(
+                f"{path}: {split}_images has shape {x.shape}; expected (N, H, W), (N, H, W, C) "
+                "or (N, D, H, W)"
+            )
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"{path}: {split}_images must hold numbers, got dtype {x.dtype}")
+        if 0 in x.shape[1:]:
+            raise DataError(f"{path}: {split}_images has shape {x.shape}, an empty image size")
+
+    @staticmethod
+    def _layout(
+        shape: tuple[int, ...], spatial_dims: int | None, path: Path
+    ) -> tuple[int, int, bool]:
+        """Spatial dims, channels, and whether the channels are the last axis.
+
+        MedMNIST stores colour channel-last: ``(N, H, W, 3)``; ``(N, H, W, 1)`` and
+        RGBA ``(N, H, W, 4)`` (alpha dropped) are read the same way, and ``(N, D, H, W,
+        1)`` as a grey volume. A last axis of 1, 3 or 4 is a channel axis unless
+        ``spatial_dims=3`` says the array is a volume.
+        """
         if len(shape) == 3:
             if spatial_dims == 3:
-                raise ValueError(f"{path}: images of shape {shape} are 2D, not 3D")
-            return 2, 1
+                raise DataError(f"{path}: images of shape {shape} are 2D, not 3D")
+            return 2, 1, False
         if len(shape) == 4:
-            if shape[-1] == 3 and spatial_dims != 3:
-                return 2, 3
+            if shape[-1] in (1, 3, 4) and spatial_dims != 3:
+                return 2, 1 if shape[-1] == 1 else 3, True
             if spatial_dims == 2:
-                raise ValueError(f"{path}: images of shape {shape} are not 2D (N, H, W[, 3])")
-            return 3, 1
-        raise ValueError(
-            f"{path}: images have shape {shape}; expected (N, H, W), (N, H, W, 3) or (N, D, H, W)"
+                raise DataError(f"{path}: images of shape {shape} are not 2D (N, H, W[, C])")
+            return 3, 1, False
+        if len(shape) == 5 and shape[-1] == 1 and spatial_dims != 2:
+            return 3, 1, True
+        raise DataError(
+            f"{path}: images have shape {shape}; expected (N, H, W), (N, H, W, C) with C 1, 3 "
+            "or 4, (N, D, H, W) or (N, D, H, W, 1)"
         )
 
     def _load(self, index: int) -> Sample:
@@ -865,9 +976,9 @@ class MedMNISTDataset(ImageDataset):
         array = np.asarray(self._images[part][index - self._offsets[part]])
         where = f"{self.path.name} {split}_images[{row}]"
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ValueError(f"{where}: contains NaN or Inf values")
-        if self._colour:
-            array = np.moveaxis(array, -1, 0)
+            raise DataError(f"{where}: contains NaN or Inf values")
+        if self._channel_last:
+            array = np.moveaxis(array[..., : self.in_channels], -1, 0)  # RGBA: alpha dropped
         else:
             array = array[None]
         mapped = map_intensity(array, self.intensity)
@@ -899,7 +1010,7 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
             continue
         stem = _strip_suffix(path.name)
         if stem in found:
-            raise ValueError(
+            raise DataError(
                 f"{folder}: two files have the id {stem}: {found[stem].name} and {path.name}"
             )
         found[stem] = path
@@ -947,10 +1058,10 @@ class NiftiPairsDataset(ImageDataset):
         image_dir, mask_dir = root / images, root / masks
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{root}: has no {folder.name}/ directory")
+                raise MissingFileError(f"{root}: has no {folder.name}/ directory")
         image_files = _nifti_files(image_dir)
         if not image_files:
-            raise ValueError(f"{image_dir}: contains no NIfTI files (.nii, .nii.gz)")
+            raise DataError(f"{image_dir}: contains no NIfTI files (.nii, .nii.gz)")
         mask_files = {}
         for stem, path in _nifti_files(mask_dir).items():
             if mask_suffix and not stem.endswith(mask_suffix):
@@ -959,13 +1070,13 @@ class NiftiPairsDataset(ImageDataset):
         ids = list(image_files)
         for sample_id in ids:
             if sample_id not in mask_files:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{image_dir.name}/{image_files[sample_id].name}: has no mask "
                     f"{masks}/{sample_id}{mask_suffix}.nii[.gz]"
                 )
         extra = sorted(set(mask_files) - set(image_files))
         if extra:
-            raise ValueError(
+            raise DataError(
                 f"{mask_dir}: mask {mask_files[extra[0]].name} has no image in {images}/"
             )
         self.root = root
@@ -1005,7 +1116,7 @@ class NiftiPairsDataset(ImageDataset):
         header, rows = read_table(csv_path)
         key = "image" if "image" in header else "id" if "id" in header else None
         if key is None or "label" not in header:
-            raise ValueError(
+            raise DataError(
                 f"{csv_path}: needs columns image (or id) and label; it has {', '.join(header)}"
             )
         index = {sample_id: k for k, sample_id in enumerate(ids)}
@@ -1015,17 +1126,17 @@ class NiftiPairsDataset(ImageDataset):
             where = f"{csv_path.name} row {row.line}"
             ref = _strip_suffix(Path(row.get(key)).name)
             if ref not in index:
-                raise ValueError(f"{where}: image {row.get(key)!r} is not in images/")
+                raise DataError(f"{where}: image {row.get(key)!r} is not in images/")
             k = index[ref]
             if labels[k] is not None:
-                raise ValueError(f"{where}: duplicate id {ref!r} (also row {self._lines[k]})")
+                raise DataError(f"{where}: duplicate id {ref!r} (also row {self._lines[k]})")
             labels[k] = _parse_label(row.get("label"), classes, where)
             self._lines[k] = row.line
             if "split" in header and row.get("split"):
                 splits[k] = _parse_split(row.get("split"), where)
         unlabelled = [ids[k] for k, value in enumerate(labels) if value is None]
         if unlabelled:
-            raise ValueError(
+            raise DataError(
                 f"{csv_path}: has no row for image {unlabelled[0]}"
                 + (f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else "")
             )
@@ -1033,7 +1144,7 @@ class NiftiPairsDataset(ImageDataset):
         if any(splits):
             if not all(splits):
                 k = splits.index("")
-                raise ValueError(
+                raise DataError(
                     f"{csv_path.name} row {self._lines[k]}: empty split while other rows have one"
                 )
             split_array = np.asarray(splits, dtype=object)
@@ -1101,9 +1212,9 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
     if path.is_file():
         if path.suffix == ".npz":
             return "medmnist"
-        raise ValueError(f"{path}: a dataset is a directory or a MedMNIST .npz file")
+        raise DataError(f"{path}: a dataset is a directory or a MedMNIST .npz file")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingFileError(f"{path}: no such file or directory")
     if (path / "dataset.json").is_file() or (path / "manifest.csv").is_file():
         return "folder"
     if (path / "train-rle.csv").is_file():
@@ -1118,11 +1229,11 @@ def detect_kind(path: str | os.PathLike[str]) -> str:
     if len(archives) == 1:
         return "medmnist"
     if len(archives) > 1:
-        raise ValueError(
+        raise DataError(
             f"{path}: holds {len(archives)} .npz files "
             f"({', '.join(a.name for a in archives[:5])}); open one of them"
         )
-    raise ValueError(
+    raise DataError(
         f"{path}: not a recognised dataset layout; expected dataset.json/manifest.csv "
         "(trustmap), train-rle.csv (SIIM-ACR), stage_2_train_labels.csv (RSNA), a .npz "
         "file (MedMNIST) or images/ and masks/ of NIfTI files"
@@ -1140,7 +1251,7 @@ def open_path(
     path = Path(path)
     kind = kind or detect_kind(path)
     if kind not in _KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(_KINDS)}")
+        raise DataError(f"unknown dataset kind {kind!r}; use one of {', '.join(_KINDS)}")
     if kind == "medmnist" and path.is_dir():
         path = sorted(path.glob("*.npz"))[0] if any(path.glob("*.npz")) else path
     if kind == "rsna" and "labels_csv" not in kwargs:

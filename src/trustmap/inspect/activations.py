@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from trustmap.core.hooks import hook_handles, model_guard
+from trustmap.errors import InputError, InputTypeError
 
 __all__ = [
     "ActivationBatch",
@@ -126,26 +127,26 @@ def as_images(data: Any) -> torch.Tensor:
     elif hasattr(data, "images") and isinstance(data.images, torch.Tensor):
         images = data.images
     if not isinstance(images, torch.Tensor):
-        raise TypeError(
+        raise InputTypeError(
             "data must be an image tensor (N, C, *spatial), a TensorData or an ImageDataset; "
             f"got {type(data).__name__}"
         )
     if images.ndim not in (4, 5):
-        raise ValueError(
+        raise InputError(
             f"images must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(images.shape)}"
         )
     if images.shape[0] == 0:
-        raise ValueError("the dataset has no images")
+        raise InputError("the dataset has no images")
     if not images.is_floating_point():
         images = images.float()
     if not bool(torch.isfinite(images).all()):
-        raise ValueError("the images contain NaN or Inf values")
+        raise InputError("the images contain NaN or Inf values")
     return images
 
 
 def _split_name(layer: str) -> tuple[str, bool]:
     if not isinstance(layer, str) or not layer:
-        raise TypeError(f"a layer must be a non-empty module name (str), got {layer!r}")
+        raise InputTypeError(f"a layer must be a non-empty module name (str), got {layer!r}")
     if layer.endswith(INPUT_SUFFIX):
         return layer[: -len(INPUT_SUFFIX)], True
     return layer, False
@@ -164,7 +165,7 @@ def resolve_layer(model: nn.Module, layer: str) -> nn.Module:
         # A last-component match: "block4" for "features.block4".
         close = [n for n in names if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]][:3]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
+    raise InputError(
         f"the model has no layer named {name!r}{hint} (see `trustmap inspect --list-layers`)"
     )
 
@@ -231,7 +232,7 @@ def penultimate_layer(model: nn.Module, example: torch.Tensor) -> str:
     spatial = [info.name for info in table if info.spatial]
     if spatial:
         return spatial[-1]
-    raise ValueError(
+    raise InputError(
         "the model has neither a linear layer nor a spatial feature map to take features "
         "from; name a layer explicitly"
     )
@@ -241,7 +242,7 @@ def require_spatial(layer: str, activation: torch.Tensor, x: torch.Tensor, what:
     """Raise one clear ValueError if ``activation`` is not a feature map ``(B, K, *s)`` with
     ``x``'s spatial rank (``what`` names the analysis that needs one)."""
     if activation.ndim != x.ndim:
-        raise ValueError(
+        raise InputError(
             f"layer {layer!r} outputs shape {tuple(activation.shape[1:])} per image, without "
             f"{x.ndim - 2} spatial axes; {what} needs a layer with a spatial feature map "
             "(a convolution or its activation, e.g. 'features.block4')"
@@ -300,7 +301,7 @@ def _capture(
             if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
                 value = value[0]
             if not isinstance(value, torch.Tensor):
-                raise TypeError(
+                raise InputTypeError(
                     f"layer {layer!r} {'receives' if read_input else 'returns'} "
                     f"{type(value).__name__}, not a tensor; pick another layer"
                 )
@@ -376,9 +377,9 @@ def iter_activations(
         layers = [layers]
     layers = list(dict.fromkeys(layers))
     if not layers:
-        raise ValueError("no layer requested")
+        raise InputError("no layer requested")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     images = _checked if _checked is not None else as_images(data)
     idx = np.arange(images.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
     device = _model_device(model)
@@ -398,12 +399,12 @@ def iter_activations(
                 out = model(x)
             missing = [layer for layer in layers if layer not in store]
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"layer(s) {missing} did not run during the forward pass; pick layers on "
                     "the path from the input to the output"
                 )
             if outputs and not isinstance(out, torch.Tensor):
-                raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+                raise InputTypeError(f"the model must return a tensor, got {type(out).__name__}")
             yield ActivationBatch(
                 index=chunk, inputs=x, outputs=out, activations={k: store[k] for k in layers}
             )
@@ -434,7 +435,7 @@ def extract(
     layers (see :func:`iter_activations`).
     """
     if isinstance(reduce, str) and reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
+        raise InputError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
     names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     outs: list[torch.Tensor] = []

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from trustmap.core.hooks import model_guard
+from trustmap.errors import InputError
 from trustmap.inspect.activations import _model_device, _model_dtype, as_images
 
 __all__ = ["CohortMap", "cohort_map"]
@@ -115,7 +116,7 @@ def cohort_map(
     from trustmap.trust.postprocess import postprocess
 
     if select not in ("label", "prediction", "all"):
-        raise ValueError(f"select must be 'label', 'prediction' or 'all', got {select!r}")
+        raise InputError(f"select must be 'label', 'prediction' or 'all', got {select!r}")
     images = as_images(data)
     n = images.shape[0]
     if labels is None:
@@ -131,15 +132,15 @@ def cohort_map(
         chosen = np.flatnonzero(torch.cat(preds).numpy() == class_index)
     elif select == "label":
         if labels is None:
-            raise ValueError("select='label' needs labels: pass a dataset or labels=")
+            raise InputError("select='label' needs labels: pass a dataset or labels=")
         lab = np.asarray(labels).reshape(-1)
         if lab.shape[0] != n:
-            raise ValueError(f"labels has {lab.shape[0]} entries for {n} images")
+            raise InputError(f"labels has {lab.shape[0]} entries for {n} images")
         chosen = np.flatnonzero(lab == class_index)
     else:
         chosen = np.arange(n)
     if chosen.size == 0:
-        raise ValueError(
+        raise InputError(
             f"no image is of class {class_index} ({select}); a cohort map needs at least one"
         )
     total = None

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustmap.errors import DataError, InputError, MissingFileError
 from trustmap.inspect.activations import (
     as_images,
     extract,
@@ -96,20 +97,20 @@ _HAS_BIT = [torch.tensor([v for v in range(256) if v >> j & 1]) for j in range(8
 def concept_masks(masks: Mapping[str, Any], *, source: str = "arrays") -> ConceptMasks:
     """Concept masks from arrays: ``{name: (N, *spatial)}`` (bool, or 0/1 values)."""
     if not isinstance(masks, Mapping) or not masks:
-        raise ValueError("concept masks must be a non-empty mapping {name: (N, *spatial) array}")
+        raise InputError("concept masks must be a non-empty mapping {name: (N, *spatial) array}")
     names, stack, shape = [], [], None
     for name, value in masks.items():
         t = torch.as_tensor(np.asarray(value))
         if shape is None:
             shape = tuple(t.shape)
         if tuple(t.shape) != shape:
-            raise ValueError(
+            raise InputError(
                 f"concept {name!r} has shape {tuple(t.shape)}, the first concept {shape}; all "
                 "concept masks must have the images' (N, *spatial) shape"
             )
         if t.dtype != torch.bool:
             if not bool(((t == 0) | (t == 1)).all()):
-                raise ValueError(f"concept {name!r} must be boolean or hold only 0 and 1")
+                raise InputError(f"concept {name!r} must be boolean or hold only 0 and 1")
             t = t.bool()
         names.append(str(name))
         stack.append(t)
@@ -146,7 +147,7 @@ def load_concepts(
     root = getattr(ds, "root", None)
     base = Path(folder) if folder is not None else (Path(root) / "concepts" if root else None)
     if base is None or not base.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no concept folder {base}: pass folder= with one sub-folder of masks per concept "
             "(phantom datasets write <dataset>/concepts)"
         )
@@ -162,14 +163,14 @@ def load_concepts(
                 names = [n for n in listed if n in available]
     names = list(names)
     if not names:
-        raise ValueError(f"the concept folder {base} has no concept sub-folders")
+        raise InputError(f"the concept folder {base} has no concept sub-folders")
     for name in names:
         if name not in available:
             import difflib
 
             close = difflib.get_close_matches(name, available, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"no concept {name!r} in {base}{hint} (concepts: {available})")
+            raise InputError(f"no concept {name!r} in {base}{hint} (concepts: {available})")
     images = as_images(ds)
     native = tuple(images.shape[2:])
     resizes = getattr(ds, "size", None) is not None
@@ -189,7 +190,7 @@ def load_concepts(
                     mask = _resize_masks(torch.from_numpy(mask > 0)[None, None], native)[0, 0]
                     mask = mask.numpy()
                 else:
-                    raise ValueError(
+                    raise DataError(
                         f"concept mask {path} has shape {mask.shape} but its image "
                         f"{sample_ids[i]!r} has {native}; a concept mask must have its "
                         "image's shape"
@@ -450,12 +451,12 @@ def _fired_dense(
 def _as_concepts(concepts: ConceptMasks | Mapping[str, Any], n: int) -> ConceptMasks:
     cm = concepts if isinstance(concepts, ConceptMasks) else concept_masks(concepts)
     if cm.masks.shape[0] != n:
-        raise ValueError(
+        raise InputError(
             f"the concept masks cover {cm.masks.shape[0]} images but the data has {n}; they "
             "must be aligned one to one"
         )
     if cm.masks.dtype != torch.bool:
-        raise ValueError("concept masks must be boolean")
+        raise InputError("concept masks must be boolean")
     return cm
 
 
@@ -499,18 +500,18 @@ def dissect(
     n = images.shape[0]
     cm = _as_concepts(concepts, n)
     if not 0 < quantile < 1:
-        raise ValueError(f"quantile must lie in (0, 1), got {quantile!r}")
+        raise InputError(f"quantile must lie in (0, 1), got {quantile!r}")
     if not 0 <= iou_threshold <= 1:
-        raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold!r}")
+        raise InputError(f"iou_threshold must lie in [0, 1], got {iou_threshold!r}")
     resolution = tuple(cm.masks.shape[2:])
     if len(resolution) != images.ndim - 2:
-        raise ValueError(
+        raise InputError(
             f"concept masks have {len(resolution)} spatial axes but the images {images.ndim - 2}"
         )
     area = cm.area
     empty = [name for name, a in zip(cm.names, area) if a == 0]
     if empty:
-        raise ValueError(f"concept(s) {empty} are empty on every image; remove them")
+        raise InputError(f"concept(s) {empty} are empty on every image; remove them")
     started = time.perf_counter()
     # The only pass over the data, up to the layer: activations at its (small) resolution.
     acts = extract(model, images, [layer], batch_size=batch_size, outputs=False, progress=progress)[
@@ -630,7 +631,7 @@ def influential_units(
     peaks). ``indices`` restricts the images (e.g. the positives)."""
     images = as_images(data)
     if dissection is not None and dissection.layer != layer:
-        raise ValueError(f"the dissection is of layer {dissection.layer!r}, not {layer!r}")
+        raise InputError(f"the dissection is of layer {dissection.layer!r}, not {layer!r}")
     total: torch.Tensor | None = None
     peaks: list[torch.Tensor] = []
     where: list[torch.Tensor] = []
@@ -644,7 +645,7 @@ def influential_units(
         require_spatial(layer, act, images, "ranking units by influence")
         out = batch.outputs.reshape(batch.outputs.shape[0], -1)
         if not 0 <= target < out.shape[1]:
-            raise ValueError(f"target {target} is not an output of this model ({out.shape[1]})")
+            raise InputError(f"target {target} is not an output of this model ({out.shape[1]})")
         (grad,) = torch.autograd.grad(out[:, target].sum(), act)
         contrib = (grad * act).detach().flatten(2).sum(2)  # (B, U)
         total = contrib.sum(0) if total is None else total + contrib.sum(0)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustmap.errors import InputError
 from trustmap.inspect.activations import as_images, extract, penultimate_layer
 
 __all__ = [
@@ -194,7 +195,7 @@ def embed(
     ids = ds_ids if ids is None else [str(i) for i in ids]
     for name, value in (("labels", labels), ("splits", splits), ("ids", ids)):
         if value is not None and len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries for {n} images")
+            raise InputError(f"{name} has {len(value)} entries for {n} images")
     name = penultimate_layer(model, images) if layer is None else layer
     acts = extract(model, images, [name], batch_size=batch_size, reduce="mean", progress=progress)
     out = acts.outputs.reshape(n, -1).double()
@@ -219,9 +220,9 @@ def _features(data: Embedding | np.ndarray | torch.Tensor) -> np.ndarray:
     x = data.features if isinstance(data, Embedding) else data
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if x.ndim != 2 or x.shape[0] < 3:
-        raise ValueError(f"features must be (N, D) with N >= 3, got shape {x.shape}")
+        raise InputError(f"features must be (N, D) with N >= 3, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError("the features contain NaN or Inf")
+        raise InputError("the features contain NaN or Inf")
     return x.astype(np.float64)
 
 
@@ -249,7 +250,7 @@ def project(
     from sklearn.manifold import trustworthiness
 
     if method not in PROJECTIONS:
-        raise ValueError(f"unknown projection {method!r}: choose one of {PROJECTIONS}")
+        raise InputError(f"unknown projection {method!r}: choose one of {PROJECTIONS}")
     x = _features(data)
     n = x.shape[0]
     k = int(min(n_neighbors, max(1, n // 2 - 1)))
@@ -281,7 +282,7 @@ def project(
             try:
                 import umap
             except ImportError as err:
-                raise ValueError(
+                raise InputError(
                     "UMAP needs the optional package umap-learn: pip install 'trustmap[umap]'"
                 ) from err
             coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(reduced)
@@ -309,13 +310,13 @@ def _reference(n: int, reference: Any) -> np.ndarray:
     ref = np.asarray(reference)
     if ref.dtype == bool:
         if ref.shape != (n,):
-            raise ValueError(f"a boolean reference needs {n} entries, got {ref.shape}")
+            raise InputError(f"a boolean reference needs {n} entries, got {ref.shape}")
         ref = np.flatnonzero(ref)
     ref = ref.astype(np.int64)
     if ref.size == 0:
-        raise ValueError("the reference set is empty")
+        raise InputError("the reference set is empty")
     if ref.min() < 0 or ref.max() >= n:
-        raise ValueError(f"reference indices must lie in 0..{n - 1}")
+        raise InputError(f"reference indices must lie in 0..{n - 1}")
     return ref
 
 
@@ -349,11 +350,11 @@ def knn_outliers(
     n = x.shape[0]
     ref = _reference(n, reference)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise InputError(f"k must be a positive integer, got {k!r}")
     if len(ref) < k + 1:
-        raise ValueError(f"k={k} needs at least {k + 1} reference cases, got {len(ref)}")
+        raise InputError(f"k={k} needs at least {k + 1} reference cases, got {len(ref)}")
     if not 0 < quantile < 1:
-        raise ValueError(f"quantile must lie in (0, 1), got {quantile!r}")
+        raise InputError(f"quantile must lie in (0, 1), got {quantile!r}")
     if standardize:
         x = _standardize(x, x[ref])
     nn_index = NearestNeighbors(n_neighbors=k + 1).fit(x[ref])
@@ -392,12 +393,12 @@ def nearest_cases(
     q = q.detach().cpu().numpy() if isinstance(q, torch.Tensor) else np.asarray(q)
     q = np.atleast_2d(q).astype(np.float64)
     if q.shape[1] != ref.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"queries have {q.shape[1]} features but the reference has {ref.shape[1]}; embed "
             "both at the same layer"
         )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(ref):
-        raise ValueError(f"k must lie in 1..{len(ref)}, got {k!r}")
+        raise InputError(f"k must lie in 1..{len(ref)}, got {k!r}")
     if standardize:
         q, ref = _standardize(q, ref), _standardize(ref, ref)
     dist, idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(q)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from trustmap.core.batching import upsample_to
+from trustmap.errors import InputError
 from trustmap.inspect.activations import (
     as_images,
     batch_of_one,
@@ -145,7 +146,7 @@ def feature_maps(model: nn.Module, image: torch.Tensor, layer: str) -> FeatureMa
     """
     x = as_images(batch_of_one(model, image))
     if x.shape[0] != 1:
-        raise ValueError(f"feature_maps explains one image; got a batch of {x.shape[0]}")
+        raise InputError(f"feature_maps explains one image; got a batch of {x.shape[0]}")
     batch = next(iter_activations(model, x, [layer], batch_size=1))
     act = batch.activations[layer]
     require_spatial(layer, act, x, "a feature-map montage")
@@ -195,10 +196,10 @@ def unit_rates(
     """
     images = as_images(data)
     if not 0 < saturated_share <= 1:
-        raise ValueError(f"saturated_share must lie in (0, 1], got {saturated_share!r}")
+        raise InputError(f"saturated_share must lie in (0, 1], got {saturated_share!r}")
     names = list(layers) if layers is not None else default_rate_layers(model, images)
     if not names:
-        raise ValueError("the model has no layer with a spatial output to count units in")
+        raise InputError("the model has no layer with a spatial output to count units in")
     modules = dict(model.named_modules())
     peak: dict[str, torch.Tensor] = {}
     active: dict[str, torch.Tensor] = {}
@@ -253,10 +254,10 @@ def activation_maps(
     act = batch.activations[layer]
     require_spatial(layer, act, images, "an activation map")
     if isinstance(reduce, bool):
-        raise ValueError(f"reduce must be 'mean', 'max', 'norm' or a channel index, got {reduce!r}")
+        raise InputError(f"reduce must be 'mean', 'max', 'norm' or a channel index, got {reduce!r}")
     if isinstance(reduce, int):
         if not 0 <= reduce < act.shape[1]:
-            raise ValueError(f"layer {layer!r} has {act.shape[1]} channels; no channel {reduce}")
+            raise InputError(f"layer {layer!r} has {act.shape[1]} channels; no channel {reduce}")
         m = act[:, reduce : reduce + 1]
     elif reduce == "mean":
         m = act.mean(1, keepdim=True)
@@ -265,5 +266,5 @@ def activation_maps(
     elif reduce == "norm":
         m = act.norm(dim=1, keepdim=True)
     else:
-        raise ValueError(f"reduce must be 'mean', 'max', 'norm' or a channel index, got {reduce!r}")
+        raise InputError(f"reduce must be 'mean', 'max', 'norm' or a channel index, got {reduce!r}")
     return upsample_to(m.to(images.dtype).cpu(), tuple(images.shape[2:]))

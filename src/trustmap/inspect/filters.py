@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustmap.errors import InputError
 from trustmap.inspect.activations import resolve_layer
 
 __all__ = ["FilterComparison", "Filters", "compare_filters", "filters", "initial_model"]
@@ -96,14 +97,14 @@ def _first_conv(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if isinstance(module, _CONV):
             return name
-    raise ValueError("the model has no convolution layer (Conv2d or Conv3d) to show filters of")
+    raise InputError("the model has no convolution layer (Conv2d or Conv3d) to show filters of")
 
 
 def _conv(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
     name = _first_conv(model) if layer is None else layer
     module = resolve_layer(model, name)
     if not isinstance(module, _CONV):
-        raise ValueError(
+        raise InputError(
             f"layer {name!r} is a {type(module).__name__}, not a convolution; filters are "
             f"the kernels of a Conv2d/Conv3d layer (the first is {_first_conv(model)!r})"
         )
@@ -157,7 +158,7 @@ def compare_filters(
     wa = conv_a.weight.detach().to("cpu", torch.float64).reshape(conv_a.weight.shape[0], -1)
     wb = conv_b.weight.detach().to("cpu", torch.float64).reshape(conv_b.weight.shape[0], -1)
     if wa.shape != wb.shape:
-        raise ValueError(
+        raise InputError(
             f"layer {name!r} has filters of shape {tuple(conv_a.weight.shape)} in the first "
             f"model and {tuple(conv_b.weight.shape)} in the second; compare checkpoints of "
             "one architecture"
@@ -185,7 +186,7 @@ def initial_model(info: dict[str, Any]) -> nn.Module:
 
     seed = (info.get("extra") or {}).get("seed")
     if seed is None:
-        raise ValueError(
+        raise InputError(
             "the checkpoint does not record the seed it was trained with, so its initial "
             "weights cannot be rebuilt; compare with another checkpoint instead"
         )

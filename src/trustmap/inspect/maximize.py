@@ -32,6 +32,7 @@ from torch import nn
 
 from trustmap.core.hooks import model_guard
 from trustmap.core.validation import check_output
+from trustmap.errors import InputError
 from trustmap.inspect.activations import (
     _capture,
     _model_device,
@@ -93,7 +94,7 @@ def _check(name: str, value: Any, *, integer: bool = False, positive: bool = Fal
         ok = ok and isinstance(value, int)
     if not ok or not np.isfinite(value) or value < 0 or (positive and value <= 0):
         kind = "a positive integer" if integer and positive else "a number >= 0"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
 def _ascend(
@@ -188,23 +189,23 @@ def _as_start(
     if isinstance(start, torch.Tensor):
         x = batch_of_one(model, start)
         if x.shape[0] != 1 or not x.is_floating_point() or not bool(torch.isfinite(x).all()):
-            raise ValueError(
+            raise InputError(
                 "start must be one finite float image (C, *spatial) or (1, C, *spatial), "
                 f"got shape {tuple(start.shape)}"
             )
         return x.detach().to(device=device, dtype=dtype).clone()
     if shape is None:
-        raise ValueError("give shape=(C, *spatial) (or a start image) for activation maximization")
+        raise InputError("give shape=(C, *spatial) (or a start image) for activation maximization")
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (3, 4) or min(shape) < 1:
-        raise ValueError(f"shape must be (C, H, W) or (C, D, H, W), got {shape}")
+        raise InputError(f"shape must be (C, H, W) or (C, D, H, W), got {shape}")
     if start == "zeros":
         return torch.full((1, *shape), float(center), device=device, dtype=dtype)
     if start == "noise":
         gen = torch.Generator().manual_seed(int(seed) + 1)
         noise = 0.01 * torch.randn((1, *shape), generator=gen, dtype=torch.float64)
         return (noise + center).to(device=device, dtype=dtype)
-    raise ValueError(f"start must be 'noise', 'zeros' or an image tensor, got {start!r}")
+    raise InputError(f"start must be 'noise', 'zeros' or an image tensor, got {start!r}")
 
 
 def _layer_target(
@@ -221,7 +222,7 @@ def _layer_target(
         if channel is None:
             return 0.5 * act.pow(2).mean()
         if not 0 <= channel < act.shape[1]:
-            raise ValueError(f"layer {layer!r} has {act.shape[1]} channels; no channel {channel}")
+            raise InputError(f"layer {layer!r} has {act.shape[1]} channels; no channel {channel}")
         return act[:, channel].mean()
 
     what = f"{layer} channel {channel}" if channel is not None else f"{layer} (L2 of all channels)"
@@ -284,9 +285,9 @@ def maximize(
         Seeds the start noise and the jitter; the same seed gives the same image.
     """
     if (target is None) == (layer is None):
-        raise ValueError("give either target (a class) or layer (a hidden unit), not both")
+        raise InputError("give either target (a class) or layer (a hidden unit), not both")
     if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
-        raise ValueError(f"bounds must be (low, high) with low < high, got {bounds!r}")
+        raise InputError(f"bounds must be (low, high) with low < high, got {bounds!r}")
     if isinstance(center, torch.Tensor):
         center_value = float(center.mean())
     else:
@@ -299,9 +300,9 @@ def maximize(
             with torch.no_grad():
                 out = check_output(model(x0), 1).reshape(1, -1)
             if isinstance(target, bool) or not isinstance(target, int):
-                raise ValueError(f"target must be a class index (int), got {target!r}")
+                raise InputError(f"target must be a class index (int), got {target!r}")
             if not 0 <= target < out.shape[1]:
-                raise ValueError(
+                raise InputError(
                     f"target {target} is not a class of this model (it has {out.shape[1]} outputs)"
                 )
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustmap.errors import InputError, MissingFileError
 from trustmap.inspect.activations import layer_table, resolve_layer
 
 __all__ = ["InspectConfig", "InspectResult", "inspect_model", "require_two_classes"]
@@ -87,16 +88,16 @@ class InspectConfig:
         for name in ("n_images", "steps", "batch_size", "k", "influence_top"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embed is not None and (not isinstance(self.n_embed, int) or self.n_embed < 3):
-            raise ValueError(f"n_embed must be an integer >= 3 or None, got {self.n_embed!r}")
+            raise InputError(f"n_embed must be an integer >= 3 or None, got {self.n_embed!r}")
         for p in self.projections:
             if p not in PROJECTIONS:
-                raise ValueError(f"unknown projection {p!r}: choose among {PROJECTIONS}")
+                raise InputError(f"unknown projection {p!r}: choose among {PROJECTIONS}")
         if not 0 < self.quantile < 1 or not 0 <= self.iou_threshold <= 1:
-            raise ValueError("quantile must lie in (0, 1) and iou_threshold in [0, 1]")
+            raise InputError("quantile must lie in (0, 1) and iou_threshold in [0, 1]")
         if not 0 < self.outlier_quantile < 1:
-            raise ValueError(f"outlier_quantile must lie in (0, 1), got {self.outlier_quantile}")
+            raise InputError(f"outlier_quantile must lie in (0, 1), got {self.outlier_quantile}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def require_two_classes(labels: Any, what: str) -> None:
     present = np.unique(np.asarray(labels))
     if present.size < 2:
         only = present.tolist()
-        raise ValueError(
+        raise InputError(
             f"the dataset has one class only ({only}); {what} contrasts classes and needs "
             "images of at least two"
         )
@@ -149,7 +150,7 @@ def _load_model(path: str | os.PathLike[str], device: str) -> tuple[nn.Module, d
     p = Path(path).expanduser()
     file = p / "model.pt" if p.is_dir() else p
     if not file.is_file():
-        raise FileNotFoundError(f"no model checkpoint at {file} (a model.pt or its run folder)")
+        raise MissingFileError(f"no model checkpoint at {file} (a model.pt or its run folder)")
     return load_checkpoint(file, map_location=device)
 
 
@@ -160,7 +161,7 @@ def _check_layers(net: nn.Module, layers: tuple[str, ...], table: tuple[Any, ...
         resolve_layer(net, layer)
         if layer not in spatial:
             shape = next((i.shape for i in table if i.name == layer), None)
-            raise ValueError(
+            raise InputError(
                 f"layer {layer!r} outputs {shape} per image, without spatial axes; feature maps "
                 f"and dissection need a layer with a spatial feature map, e.g. {spatial[-1]!r}"
             )
@@ -179,7 +180,7 @@ def _recorded_dataset(info: dict[str, Any]) -> str:
             return str(folder)
     name = (info.get("extra") or {}).get("dataset")
     if name is None:
-        raise ValueError("the checkpoint records no dataset; pass --dataset")
+        raise InputError("the checkpoint records no dataset; pass --dataset")
     return str(name)
 
 
@@ -266,7 +267,7 @@ def inspect_model(
     if data.spatial_dims != info.get(
         "spatial_dims", data.spatial_dims
     ) or data.in_channels != info.get("in_channels", data.in_channels):
-        raise ValueError(
+        raise InputError(
             f"the model takes {info.get('in_channels')}-channel {info.get('spatial_dims')}D "
             f"images; dataset {data.name!r} has {data.in_channels}-channel "
             f"{data.spatial_dims}D images"
@@ -277,7 +278,7 @@ def inspect_model(
     table = tuple(layer_table(net, images[:1]))
     layers = tuple(cfg.layers) if cfg.layers else _default_layers(net, table)
     if not layers:
-        raise ValueError("the model has no layer with a spatial output to inspect")
+        raise InputError("the model has no layer with a spatial output to inspect")
     _check_layers(net, layers, table)
     concept_source = cfg.concepts
     concepts = None

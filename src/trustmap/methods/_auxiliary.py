@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from trustmap.core.hooks import model_guard
+from trustmap.errors import ModelError, ModelTypeError
 
 Net = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,17 +38,17 @@ def run_auxiliary(net: Net, x: torch.Tensor, name: str, *, trained_for: str) -> 
     except RuntimeError as err:
         # A convolution that meets the wrong channel count or rank fails deep in torch.
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
+        raise ModelError(
             f"{name} cannot process x of shape {tuple(x.shape)} ({first}); {trained_for} for "
             "another channel count or dimensionality"
         ) from err
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
+        raise ModelTypeError(f"{name} must return a tensor, got {type(out).__name__}")
     if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(
+        raise ModelError(
             f"{name} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; "
             f"{trained_for} for another image size or channel count"
         )
     if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} returned NaN or Inf for this input")
+        raise ModelError(f"{name} returned NaN or Inf for this input")
     return out.to(device=x.device, dtype=x.dtype)

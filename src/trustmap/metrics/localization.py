@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trustmap.errors import DataError
+
 __all__ = [
     "EmptyMaskError",
     "auprc",
@@ -41,7 +43,7 @@ _KINDS = ("trapezoid", "average_precision")
 _CHUNK_PIXELS = 65_536
 
 
-class EmptyMaskError(ValueError):
+class EmptyMaskError(DataError):
     """The mask has no positive pixel, so AUPRC and AUROC are undefined.
 
     The trust protocol skips such images and counts them instead of reporting a NaN.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trustmap.errors import InputError
 from trustmap.models.augment import augment
 from trustmap.models.autoencoders import AUTOENCODERS
 from trustmap.models.training import (
@@ -124,19 +125,19 @@ def train_autoencoder(
     config = _with_lr(config, "classifier")
     seed = _check_seed(seed)
     if arch not in AUTOENCODERS:
-        raise ValueError(f"unknown autoencoder {arch!r}: choose one of {', '.join(AUTOENCODERS)}")
+        raise InputError(f"unknown autoencoder {arch!r}: choose one of {', '.join(AUTOENCODERS)}")
     device = _device(config)
     data = _prepare(dataset, config)
     _check_splits(data, need_both_classes=False)
     if not 0 <= normal_class < len(data.classes):
-        raise ValueError(
+        raise InputError(
             f"normal_class {normal_class} is not a class of dataset {data.name!r} "
             f"(classes {list(data.classes)})"
         )
     task = _AutoencoderTask(data, config, device, normal_class)
     for split in ("train", "val"):
         if len(task._normal(split)) < 2:
-            raise ValueError(
+            raise InputError(
                 f"the {split} split of dataset {data.name!r} has fewer than 2 images of the "
                 f"normal class {data.classes[normal_class]!r}; an autoencoder learns from them"
             )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from trustmap.errors import InputError
 from trustmap.models.localizers import SegmentationLocalizer
 
 __all__ = [
@@ -60,7 +61,7 @@ class AttentionGate(nn.Module):
     def __init__(self, local_channels: int, global_dim: int, *, compatibility: str = "pc") -> None:
         super().__init__()
         if compatibility not in COMPATIBILITIES:
-            raise ValueError(
+            raise InputError(
                 f"attention compatibility must be one of {COMPATIBILITIES}, got {compatibility!r}"
             )
         self.compatibility = compatibility
@@ -122,13 +123,13 @@ class AttentionCNN(nn.Module):
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
-            raise ValueError(f"attention_cnn: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+            raise InputError(f"attention_cnn: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"attention_cnn: width must be a positive integer, got {width!r}")
+            raise InputError(f"attention_cnn: width must be a positive integer, got {width!r}")
         blocks_at = tuple(attention_blocks)
         distinct = len(set(blocks_at)) == len(blocks_at)
         if not blocks_at or not distinct or any(b not in (1, 2, 3) for b in blocks_at):
-            raise ValueError(
+            raise InputError(
                 "attention_cnn: attention_blocks must be distinct blocks among 1, 2, 3, got "
                 f"{attention_blocks!r}"
             )

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trustmap.errors import InputError
 from trustmap.models.localizers import _pad_to_multiple
 
 __all__ = ["AUTOENCODERS", "ConvAutoencoder", "is_autoencoder"]
@@ -88,13 +89,13 @@ class ConvAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
-            raise ValueError(f"autoencoder: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+            raise InputError(f"autoencoder: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         sizes = {"width": width, "depth": depth, "latent_channels": latent_channels}
         for name, value in sizes.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"autoencoder: {name} must be a positive integer, got {value!r}")
+                raise InputError(f"autoencoder: {name} must be a positive integer, got {value!r}")
         if not (isinstance(beta, (int, float)) and beta >= 0):
-            raise ValueError(f"autoencoder: beta must be >= 0, got {beta!r}")
+            raise InputError(f"autoencoder: beta must be >= 0, got {beta!r}")
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.spatial_dims = spatial_dims
         self.variational = bool(variational)
@@ -169,7 +170,7 @@ def build_autoencoder(
     1 is what its checkpoint records)."""
     name = "vae" if variational else "autoencoder"
     if num_classes != 1:
-        raise ValueError(f"{name} reconstructs images and has no classes: num_classes must be 1")
+        raise InputError(f"{name} reconstructs images and has no classes: num_classes must be 1")
     if "variational" in kwargs:
-        raise ValueError(f"{name}: 'variational' is set by the architecture name")
+        raise InputError(f"{name}: 'variational' is set by the architecture name")
     return ConvAutoencoder(spatial_dims, in_channels, variational=variational, **kwargs)

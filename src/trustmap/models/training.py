@@ -735,7 +735,16 @@ def _build_model(
     )
 
 
-def _run(
+def _run(task: _Task, arch: str, *, out: Path, **kwargs: Any) -> TrainResult:
+    """:func:`_run_unlocked` holding the lock of ``out``: a second run into the same
+    folder stops at once (see :mod:`trustmap.core.lock`) instead of training again."""
+    from trustmap.core.lock import output_lock
+
+    with output_lock(out):
+        return _run_unlocked(task, arch, out=out, **kwargs)
+
+
+def _run_unlocked(
     task: _Task,
     arch: str,
     *,
@@ -1140,6 +1149,10 @@ def _save_result(
     from trustmap.models.card import write_model_card
     from trustmap.models.checkpoint import save_checkpoint
 
+    # Training runs in channels-last memory format (faster convolutions on CPUs); the
+    # model handed back is in the standard format, as the checkpoint reloads it, so that
+    # a trained model and its reloaded copy compute bit for bit the same maps.
+    model = model.to(memory_format=torch.contiguous_format)
     ckpt = save_checkpoint(
         out / "model.pt",
         model,

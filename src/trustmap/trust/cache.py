@@ -8,58 +8,33 @@ are never reused. Files are written atomically, so a unit is either complete or 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from trustmap.core.atomic import write_bytes_atomic, write_text_atomic
+from trustmap.core.hashing import array_hash, digest_of, weights_hash
+
+__all__ = ["CACHE_VERSION", "Store", "array_hash", "key_of", "weights_hash"]
+
+# What reading a truncated or otherwise damaged file raises: zipfile's BadZipFile (not an
+# OSError), zlib's error, EOFError, KeyError for a missing member, ValueError for bad
+# headers and JSON, OSError for unreadable files.
+_DAMAGED = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 # Bump when the meaning of a cached unit changes, so old caches are not reused.
 CACHE_VERSION = 1
 
 
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of a model's class, parameter and buffer names and bytes."""
-    digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach()
-        digest.update(name.encode())
-        digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        digest.update(t.to("cpu").contiguous().numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def array_hash(array: np.ndarray | torch.Tensor) -> str:
-    """SHA-256 (16 hex digits) of an array's dtype, shape and bytes."""
-    if isinstance(array, torch.Tensor):
-        array = array.detach().to("cpu").contiguous().numpy()
-    array = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{array.dtype}{array.shape}".encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
-
-
 def key_of(*parts: Any) -> str:
     """A stable key for JSON-serialisable parts (dict order does not matter)."""
-    text = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=_jsonable)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return {"array": array_hash(value)}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
+    return digest_of(CACHE_VERSION, *parts)
 
 
 class Store:
@@ -80,9 +55,12 @@ class Store:
             try:
                 with np.load(path, allow_pickle=False) as data:
                     out = {k: data[k] for k in data.files}
+                # numpy hands back the raw bytes of a member that is not an .npy array.
+                if not out or not all(isinstance(v, np.ndarray) for v in out.values()):
+                    raise ValueError(f"{path} holds something other than arrays")
                 self.hits += 1
                 return out
-            except (OSError, ValueError):
+            except _DAMAGED:
                 path.unlink(missing_ok=True)  # a damaged file is recomputed
         self.misses += 1
         out = compute()
@@ -100,7 +78,7 @@ class Store:
                 value = json.loads(path.read_text(encoding="utf-8"))
                 self.hits += 1
                 return value
-            except (OSError, ValueError):
+            except _DAMAGED:
                 path.unlink(missing_ok=True)
         self.misses += 1
         value = compute()

@@ -14,12 +14,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from trustmap.errors import ConfigError, MissingFileError, TrustmapError
 
 # Paper 004, Table 1: the eight saliency methods it evaluated.
 PAPER_METHODS = (
@@ -49,6 +52,24 @@ FAITHFULNESS_DEFAULTS: dict[str, Any] = {
     "n_values": [16, 64, 256, 1024],
     "n_subsets": 32,
 }
+
+
+def _config_errors(func: Any) -> Any:
+    """``func`` raising the documented types: a ConfigError for a bad value (a ValueError
+    or TypeError of the checks), a MissingFileError for a missing file."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TrustmapError:
+            raise
+        except FileNotFoundError as err:
+            raise MissingFileError(str(err)) from None
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
+
+    return wrapper
 
 
 @dataclass
@@ -135,6 +156,7 @@ class TrustConfig:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
+    @_config_errors
     def from_preset(cls, name: str = "default", **overrides: Any) -> TrustConfig:
         """A preset, with top-level fields replaced by ``overrides``.
 
@@ -151,6 +173,7 @@ class TrustConfig:
         return cls.from_mapping(data, base=name)
 
     @classmethod
+    @_config_errors
     def from_mapping(cls, data: Mapping[str, Any], *, base: str | None = None) -> TrustConfig:
         """Build from a mapping (a parsed config file). Keys missing from ``data`` take the
         preset ``base`` (``data["preset"]``, else ``"default"``); nested tables are merged
@@ -183,12 +206,25 @@ class TrustConfig:
     # -- checks ---------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Raise ValueError / FileNotFoundError naming the first problem, before any work."""
+        """Raise a :class:`~trustmap.errors.ConfigError` (a ValueError) naming the key of
+        the first problem, or a :class:`~trustmap.errors.MissingFileError` for a missing
+        dataset or checkpoint, before any work.
+
+        Beyond the keys, types and ranges, every method is run once with its parameters
+        on a small stand-in model (sample and step counts capped), the architectures are
+        built with their ``kwargs`` without allocating weights, and the randomization
+        stages and ``layer`` parameters are looked up in them.
+        """
+        _config_errors(self._validate)()
+        _config_errors(check_values)(self)
+
+    def _validate(self) -> None:
         from trustmap.core.registry import list_methods
         from trustmap.models import list_architectures
 
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset must be a phantom name or a path, got {self.dataset!r}")
+        _expanded(self.out, "out")
         _check_dataset(self.dataset)
         _check_keys("phantom", self.phantom, ["n", "size", "seed", "shortcut", "difficulty"])
         if self.size is not None:
@@ -248,7 +284,7 @@ class TrustConfig:
                         f"models.{role}.checkpoints: {count} needed, got {len(spec.checkpoints)}"
                     )
                 for path in spec.checkpoints:
-                    if not Path(path).expanduser().is_file():
+                    if not _expanded(path, f"models.{role}.checkpoints").is_file():
                         raise FileNotFoundError(f"models.{role}.checkpoints: no file {path}")
             elif len(spec.seeds) != count:
                 raise ValueError(f"models.{role}.seeds: {count} needed, got {spec.seeds!r}")
@@ -324,27 +360,33 @@ def load_config(path: str | Path, **overrides: Any) -> TrustConfig:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise MissingFileError(f"config file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
+    kind = "TOML" if suffix == ".toml" else "YAML"
     try:
+        text = path.read_text(encoding="utf-8")
         if suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif suffix in (".yaml", ".yml"):
+            data = tomllib.loads(text)
+        else:
             import yaml
 
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        else:
-            raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+            data = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {err}") from None
     except Exception as err:
         if type(err).__module__.startswith("yaml"):
-            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         raise
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a table/mapping at the top level")
+        raise ConfigError(f"config file {path} must hold a table/mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrustConfig.from_mapping(data)
+    try:
+        return TrustConfig.from_mapping(data)
+    except TrustmapError as err:
+        # The same error type, naming the file the problem is in.
+        raise type(err)(f"{path}: {err}") from None
 
 
 # -- presets ------------------------------------------------------------------------------
@@ -492,12 +534,22 @@ def _check_keys(where: str, data: Mapping[str, Any], allowed: list[str]) -> None
             raise ValueError(f"{where}: unknown key {key!r}{hint} (allowed: {', '.join(allowed)})")
 
 
+def _expanded(path: Any, key: str) -> Path:
+    """``path`` with ``~`` expanded; a ``~user`` that does not exist names the key."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"{key} must be a path, got {path!r}")
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise ConfigError(f"{key}: {path!r} names a home directory that does not exist") from None
+
+
 def _check_dataset(dataset: str) -> None:
     from trustmap.data.phantoms import PHANTOMS
 
     if dataset in PHANTOMS:
         return
-    path = Path(dataset).expanduser()
+    path = _expanded(dataset, "dataset")
     if not path.exists():
         close = difflib.get_close_matches(dataset, list(PHANTOMS), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -532,3 +584,170 @@ def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
     _int(name, value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+# -- values that only running them checks (issue 19) ------------------------------------------
+
+#: Method parameters that only set how much work a method does; the check run caps them.
+_COST_PARAMS = ("n_samples", "n_steps", "n_iter", "max_iter", "background")
+_CHECK_CAP = 4
+
+
+def check_values(cfg: TrustConfig) -> None:
+    """Checks beyond keys and types, each naming its key (see :meth:`TrustConfig.validate`):
+    seeds, booleans, model kwargs, randomization stages, ``layer`` names and every
+    method's parameter values."""
+    _seed("seed", cfg.seed)
+    if "seed" in cfg.phantom:
+        _seed("phantom.seed", cfg.phantom["seed"])
+    randomization = cfg.randomization_settings()
+    _seed("randomization.seed", randomization["seed"])
+    _bool("randomization.independent", randomization["independent"])
+    _bool("faithfulness.enabled", cfg.faithfulness_settings()["enabled"])
+    for table in ("training", "localizer_training", "postprocess"):
+        for key, value in getattr(cfg, table).items():
+            if isinstance(_field_default(table, key), bool):
+                _bool(f"{table}.{key}", value)
+    for role, spec in cfg.models.items():
+        for s in spec.seeds:
+            _seed(f"models.{role}.seeds", s)
+    dims, channels = _dataset_geometry(cfg.dataset)
+    classifiers = {}
+    for role in ("A", "B", "localizer"):
+        spec = cfg.models[role]
+        if spec.checkpoints:
+            continue
+        model = _skeleton(role, spec.arch, dims, channels, json.dumps(spec.kwargs, sort_keys=True))
+        if role != "localizer":
+            classifiers[role] = model
+    stages = randomization["stages"]
+    if stages is not None:
+        from trustmap.trust.randomization import model_stages
+
+        for role, model in classifiers.items():
+            try:
+                model_stages(model, stages)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"randomization.stages (models.{role}): {err}") from None
+    for method in cfg.methods:
+        params = dict(cfg.method_params.get(method, {}))
+        layer = params.pop("layer", None)
+        if layer is not None:
+            for role, model in classifiers.items():
+                names = dict(model.named_modules())
+                if not isinstance(layer, str) or layer not in names:
+                    close = difflib.get_close_matches(str(layer), list(names), n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ConfigError(
+                        f"method_params.{method}.layer: models.{role} ({cfg.models[role].arch}) "
+                        f"has no layer {layer!r}{hint}"
+                    )
+        _check_bool_params(method, params)
+        _dry_run(method, json.dumps(params, sort_keys=True, default=repr), dims, channels, cfg.size)
+
+
+def _seed(name: str, value: Any) -> None:
+    _int(name, value)
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be a non-negative integer below 2**63, got {value}")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{name} must be true or false, got {value!r}"
+            + ("; a string such as 'no' would count as true" if isinstance(value, str) else "")
+        )
+
+
+def _field_default(table: str, key: str) -> Any:
+    from trustmap.models import TrainConfig
+    from trustmap.trust.postprocess import PostprocessConfig
+
+    cls = PostprocessConfig if table == "postprocess" else TrainConfig
+    for f in dataclasses.fields(cls):
+        if f.name == key:
+            return f.default
+    return None
+
+
+def _check_bool_params(method: str, params: Mapping[str, Any]) -> None:
+    import inspect
+
+    from trustmap.core.registry import get_method
+
+    sig = inspect.signature(get_method(method).__init__)
+    for key, value in params.items():
+        p = sig.parameters.get(key)
+        if p is not None and isinstance(p.default, bool):
+            _bool(f"method_params.{method}.{key}", value)
+
+
+def _dataset_geometry(dataset: str) -> tuple[int, int]:
+    """Spatial dims and channels of the dataset, as far as known without reading images."""
+    from trustmap.data.phantoms import PHANTOMS, get_spec
+
+    if dataset in PHANTOMS and not Path(dataset).exists():
+        return get_spec(dataset).spatial_dims, 1
+    card = _expanded(dataset, "dataset") / "dataset.json"
+    try:
+        data = json.loads(card.read_text(encoding="utf-8"))
+        dims, channels = int(data.get("spatial_dims", 2)), int(data.get("in_channels", 1))
+        if dims in (2, 3) and channels >= 1:
+            return dims, channels
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return 2, 1
+
+
+@functools.lru_cache(maxsize=64)
+def _skeleton(role: str, arch: str, dims: int, channels: int, kwargs: str) -> Any:
+    """The architecture built on the meta device (no weights allocated, no RNG drawn)."""
+    import torch
+
+    from trustmap.models import create
+
+    classes = 1 if arch in ("unet", "box_localizer") else 2
+    try:
+        with torch.device("meta"):
+            return create(arch, dims, channels, classes, **json.loads(kwargs))
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ConfigError(
+            f"models.{role}.kwargs: {arch} cannot be built with {json.loads(kwargs)} "
+            f"({type(err).__name__}: {err})"
+        ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _dry_run(method: str, params: str, dims: int, channels: int, size: int | None) -> None:
+    """Run ``method`` once with ``params`` on a small seeded CNN; raise naming the method.
+
+    Cost parameters (:data:`_COST_PARAMS`) above 4 are capped at 4: their valid values
+    do not depend on their size. Counterfactual methods are skipped (they need trained
+    generators, which their own ``generators`` path names).
+    """
+    import torch
+
+    from trustmap.core.base import build
+    from trustmap.core.registry import get_method
+    from trustmap.models import create
+
+    cls = get_method(method)
+    if cls.family == "counterfactual":
+        return
+    values = json.loads(params)
+    checked = {
+        k: min(v, _CHECK_CAP)
+        if k in _COST_PARAMS and isinstance(v, int) and not isinstance(v, bool)
+        else v
+        for k, v in values.items()
+    }
+    side = size or 64
+    # A method that reads trainable attention needs a model that has some.
+    arch = "attention_cnn" if cls.needs == "attention" else "small_cnn"
+    model = create(arch, dims, channels, 2, seed=0, width=2).eval()
+    x = torch.linspace(0, 1, channels * side**dims).reshape(1, channels, *(side,) * dims)
+    try:
+        build(cls, model, checked).explain(x, target=1)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method_params.{method}: {err}") from None

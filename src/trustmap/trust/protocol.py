@@ -152,10 +152,22 @@ def run(
     TrustResult
         Also written: ``results.json``, ``per_image.csv``, the figures and ``report.html``.
         Re-running resumes: models and every map set are cached under content hashes.
+
+    Raises
+    ------
+    OutputBusyError
+        If another run is writing into the same ``out`` (see :mod:`trustmap.core.lock`):
+        it stops at once instead of training and computing everything a second time.
     """
+    from trustmap.core.lock import output_lock
+
     cfg = _as_config(config)
     out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run(cfg, out, progress)
+
+
+def _run(cfg: TrustConfig, out: Path, progress: Progress | None) -> TrustResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     prepared = prepare(cfg, progress=progress, timings=timings)
@@ -218,7 +230,9 @@ def prepare(
     for n, (role, group, k) in enumerate(roles):
         _say(progress, f"model {role}", n, len(roles))
         models[role], info[role] = _model(cfg, dataset, group, k, out / "models" / role, progress)
-        models[role] = models[role].to(device).eval()
+        # One memory format whatever the model's origin (trained, or reloaded from a
+        # checkpoint): PyTorch's kernels differ between formats in the last bits.
+        models[role] = models[role].to(device, memory_format=torch.contiguous_format).eval()
     _say(progress, "models", len(roles), len(roles))
     timings["models"] = time.perf_counter() - tick
 

@@ -14,6 +14,7 @@ from torch import nn
 from trustmap.core.base import Explainer
 from trustmap.core.registry import register
 from trustmap.core.targets import Target, TargetSpec, resolve_target
+from trustmap.errors import InputError, InputTypeError, MissingFileError, ModelError
 from trustmap.methods._auxiliary import run_auxiliary
 from trustmap.methods.gradient.integrated_gradients import gaussian_blur
 
@@ -81,14 +82,14 @@ class AEAnomaly(Explainer):
         self, x: torch.Tensor, target: TargetSpec | Target
     ) -> tuple[torch.Tensor, torch.Tensor, Target, dict[str, Any]]:
         if self.error not in ERRORS:
-            raise ValueError(f"error must be one of {ERRORS}, got {self.error!r}")
+            raise InputError(f"error must be one of {ERRORS}, got {self.error!r}")
         if (
             isinstance(self.smooth, bool)
             or not isinstance(self.smooth, (int, float))
             or not math.isfinite(self.smooth)
             or self.smooth < 0
         ):
-            raise ValueError(f"smooth must be a number >= 0 (pixels), got {self.smooth!r}")
+            raise InputError(f"smooth must be a number >= 0 (pixels), got {self.smooth!r}")
         net = _resolve(self.autoencoder, x)
         with torch.no_grad():
             output = self.forward(x)
@@ -105,7 +106,7 @@ class AEAnomaly(Explainer):
 
 def _resolve(autoencoder: Any, x: torch.Tensor) -> Any:
     if autoencoder is None:
-        raise ValueError(
+        raise InputError(
             "ae_anomaly needs a trained autoencoder: pass autoencoder=DIR, the directory "
             "written by `trustmap train --arch autoencoder` (or vae), or a module"
         )
@@ -113,7 +114,7 @@ def _resolve(autoencoder: Any, x: torch.Tensor) -> Any:
         path = Path(autoencoder).expanduser()
         file = path / "model.pt" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no autoencoder checkpoint at {file}")
+            raise MissingFileError(f"no autoencoder checkpoint at {file}")
         net, info = _load_cached(
             str(file.resolve()), file.stat().st_mtime_ns, str(x.device), x.dtype
         )
@@ -121,7 +122,7 @@ def _resolve(autoencoder: Any, x: torch.Tensor) -> Any:
         return net
     if callable(autoencoder):
         return autoencoder
-    raise TypeError(
+    raise InputTypeError(
         "autoencoder must be a training directory, a model.pt file, a module or a callable; "
         f"got {type(autoencoder).__name__}"
     )
@@ -138,7 +139,7 @@ def _load_cached(
     del mtime_ns
     net, info = load_checkpoint(file, map_location=device)
     if not is_autoencoder(net):
-        raise ValueError(
+        raise ModelError(
             f"{file} holds a {info.get('arch')!r} model, not an autoencoder; train one with "
             "`trustmap train --arch autoencoder`"
         )
@@ -149,12 +150,12 @@ def _check_trained_for(info: dict[str, Any], x: torch.Tensor, file: Path) -> Non
     _, c, *spatial = x.shape
     size = (info.get("extra") or {}).get("input_size")
     if len(spatial) != info["spatial_dims"] or c != info["in_channels"]:
-        raise ValueError(
+        raise ModelError(
             f"the autoencoder {file} was trained on {info['in_channels']}-channel "
             f"{info['spatial_dims']}D images; x has shape {tuple(x.shape)}"
         )
     if size is not None and tuple(size) != tuple(spatial):
-        raise ValueError(
+        raise ModelError(
             f"the autoencoder {file} was trained at size {tuple(size)}; x has spatial size "
             f"{tuple(spatial)}. Resize x or train an autoencoder at this size"
         )

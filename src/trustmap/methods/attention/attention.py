@@ -13,6 +13,7 @@ from trustmap.core.batching import upsample_to
 from trustmap.core.hooks import hook_handles
 from trustmap.core.registry import register
 from trustmap.core.targets import Target, TargetSpec, resolve_target
+from trustmap.errors import InputError, ModelError
 
 COMBINE = ("mean", "max")
 
@@ -73,7 +74,7 @@ class Attention(Explainer):
         from trustmap.models.attention import AttentionGate, attention_sources
 
         if self.combine not in COMBINE:
-            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
+            raise InputError(f"combine must be one of {COMBINE}, got {self.combine!r}")
         sources = _select(attention_sources(self.model), self.gates)
         maps: dict[str, torch.Tensor] = {}
 
@@ -98,7 +99,7 @@ class Attention(Explainer):
         score = resolved.scores(output)
         missing = [name for name in sources if name not in maps]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"attention source(s) {missing} did not run during the forward pass; pick "
                 "sources on the path from the input to the output"
             )
@@ -114,7 +115,7 @@ class Attention(Explainer):
 
 def _select(sources: dict[str, nn.Module], names: list[str] | None) -> dict[str, nn.Module]:
     if not sources:
-        raise ValueError(
+        raise ModelError(
             "attention needs a model with trainable attention: this model has no attention "
             "gate. Train one with `trustmap train --arch attention_cnn` (classifier) or "
             "`--arch attention_unet` (localizer), or use a post-hoc method such as grad_cam"
@@ -122,12 +123,12 @@ def _select(sources: dict[str, nn.Module], names: list[str] | None) -> dict[str,
     if names is None:
         return sources
     if isinstance(names, str) or not all(isinstance(n, str) for n in names) or not names:
-        raise ValueError(f"gates must be a non-empty list of module names, got {names!r}")
+        raise InputError(f"gates must be a non-empty list of module names, got {names!r}")
     for name in names:
         if name not in sources:
             close = difflib.get_close_matches(name, list(sources), n=2, cutoff=0.4)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(
+            raise InputError(
                 f"{name!r} is not an attention gate of this model{hint} (gates: "
                 f"{', '.join(sources)})"
             )

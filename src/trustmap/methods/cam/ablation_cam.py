@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -21,6 +22,10 @@ from trustmap.methods.cam._layer import (
     safe_divide,
     weighted_sum,
 )
+
+#: PyTorch's messages for tensors whose sizes do not fit together (torch.cat, broadcasting,
+#: matrix products, reshapes).
+_SHAPE_ERROR = re.compile(r"\bsizes?\b|\bshapes?\b", re.IGNORECASE)
 
 
 class _ShapeMismatch(RuntimeError):
@@ -84,9 +89,13 @@ def ablation_cam_weights(
                 try:
                     ablated[i, sl] = ablated_scores(model, x1, lp, i, channels, expand=True)
                     continue
-                except RuntimeError:
+                except RuntimeError as err:
                     # E.g. a skip connection concatenated after the layer with a tensor
                     # computed before it (still of batch 1): recompute everything per row.
+                    # Only such shape errors; any other error is the model's own, and
+                    # running the batch again would hide it.
+                    if not isinstance(err, _ShapeMismatch) and not _SHAPE_ERROR.search(str(err)):
+                        raise
                     fast = False
             ablated[i, sl] = ablated_scores(model, x1, lp, i, channels, expand=False)
     return safe_divide(y.unsqueeze(1) - ablated, y.unsqueeze(1)), fast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -122,8 +123,8 @@ class SmoothGrad(Explainer):
         choice("variant", self.variant, VARIANTS)
         if isinstance(self.noise_level, bool) or not isinstance(self.noise_level, (int, float)):
             raise TypeError(f"noise_level must be a number, got {self.noise_level!r}")
-        if self.noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+        if not (math.isfinite(self.noise_level) and self.noise_level >= 0):
+            raise ValueError(f"noise_level must be a finite number >= 0, got {self.noise_level}")
         if self.batch_size is not None:
             positive_int("batch_size", self.batch_size)
         base_cls = get_method(self.base)

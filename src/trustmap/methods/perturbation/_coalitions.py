@@ -8,6 +8,7 @@ of batched forward passes, and solve the weighted regressions the surrogates nee
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,9 +59,23 @@ class FastLayout:
         if self.active:
             try:
                 return self.forward(channels_last(inputs))
-            except RuntimeError:
+            except torch.OutOfMemoryError:
+                # The restrided copy of a multi-channel batch costs memory the standard
+                # layout does not need; retry once without it.
+                self.active = False
+            except RuntimeError as err:
+                # Only the layout's own failure (a .view on a restrided map) is retried:
+                # any other error of the model is the model's, and must not be hidden by
+                # running the batch again.
+                if not _LAYOUT_ERROR.search(str(err)):
+                    raise
                 self.active = False
         return self.forward(inputs)
+
+
+#: What PyTorch says when a model cannot take channels-last strides (``x.view`` on a
+#: restrided tensor, kernels that demand contiguous memory).
+_LAYOUT_ERROR = re.compile(r"stride|contiguous", re.IGNORECASE)
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,7 @@ class Lime(Explainer):
         seed = resolve_seed(self.seed)
         gen = seed_generator(seed)
         game = setup_game(self, x, target, generator=gen)
+        _check_design_memory(n, max(game.seg.counts), len(game.seg.counts))
         designs = []
         for m in game.seg.counts:
             z = torch.randint(0, 2, (n, m), generator=gen, dtype=torch.bool)
@@ -257,6 +259,37 @@ class Lime(Explainer):
         extra = segment_extra(game, coefs, seed)
         extra.update(intercept=intercepts, r2=r2s, selected=selected)
         return segment_map(game, coefs), game.output, game.target, extra
+
+
+#: Bytes per coalition and segment while a surrogate is fitted: the boolean design, its
+#: float64 copy, the feature-selected copy and the weighted products of the ridge solve.
+_BYTES_PER_CELL = 1 + 3 * 8
+
+
+def _check_design_memory(n_samples: int, n_segments: int, batch: int) -> None:
+    """Refuse up front when the designs could not be held in memory.
+
+    The coalitions of every sample are drawn and kept for the regression, ``n_samples``
+    x ``n_segments`` per sample, whatever ``batch_size`` (which only bounds the model
+    evaluations); beyond half of the machine's memory the run would fail hours later or
+    swap, so it fails now with a message saying how much is needed.
+    """
+    need = n_samples * n_segments * _BYTES_PER_CELL + batch * n_samples * n_segments
+    limit = _physical_memory() // 2
+    if need > limit:
+        raise ValueError(
+            f"n_samples={n_samples} with {n_segments} segments needs about "
+            f"{need / 2**30:.1f} GiB for LIME's coalition design and its regression, more "
+            f"than half of this machine's {2 * limit / 2**30:.1f} GiB; use fewer samples (a "
+            "few thousand suffice for 50-100 segments) or fewer segments"
+        )
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a 16 GiB machine
+        return 16 * 2**30
 
 
 def _positive_number(name: str, value: object) -> float:

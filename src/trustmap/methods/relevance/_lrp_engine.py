@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from trustmap.core.hooks import hook_handles
 from trustmap.core.targets import resolve_target
 from trustmap.core.validation import check_output
+from trustmap.errors import ModelError
 from trustmap.methods.relevance import _canonizers as canon
 from trustmap.methods.relevance._composites import Composite
 from trustmap.methods.relevance._rules import CONSTANT_INPUTS, Rule, Term, safe_divide
@@ -625,7 +626,7 @@ class _LayerFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 # The forward-pass mode
 # ----------------------------------------------------------------------------------------
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(ModelError):
     """A layer or op through which relevance cannot be propagated faithfully."""
 
 
