@@ -84,8 +84,9 @@ def run_demo(
         "volume3d": (str(volume_path), {}),
     }
     models = {2: seeded_densenet(2), 3: seeded_densenet(3)}
-    # cyclegan_am needs generators trained for the model; the demo's models are untrained.
-    chosen = methods or [m for m in list_methods() if get_method(m).family != "counterfactual"]
+    # Methods that need more than the model (generators, an autoencoder, trainable
+    # attention) cannot run on the demo's untrained DenseNets.
+    chosen = methods or [m for m in list_methods() if not get_method(m).needs]
     results: dict[str, ImageSummary] = {}
     for name, (path, load_opts) in samples.items():
         image = load(path, **load_opts)

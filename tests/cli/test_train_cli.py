@@ -67,7 +67,7 @@ def test_train_localizer_flag_trains_a_unet(dataset, tmp_path):
     [
         (["--arch", "resnet"], "unknown architecture 'resnet'"),
         (["--arch", "small_cnn", "--dataset", "no-such-data"], "unknown dataset 'no-such-data'"),
-        (["--localizer", "--arch", "resnet18"], "--localizer trains unet or box_localizer"),
+        (["--localizer", "--arch", "resnet18"], "--localizer trains unet, attention_unet"),
         (["-m", "width"], "must look like name=value"),
         (["--device", "tpu"], "device"),
     ],

@@ -29,6 +29,8 @@ FAST = {
     "gradient_shap": {"background": 3, "n_samples": 4},
     # Tiny untrained (G+, G-) for the 2-channel 2D and 3D inputs: built in params_for.
     "cyclegan_am": {},
+    # A tiny untrained autoencoder for every input: built in params_for.
+    "ae_anomaly": {"smooth": 1.0},
 }
 
 
@@ -38,9 +40,28 @@ def params_for(name: str) -> dict:
         from tests.counterfactual.helpers import contract_generators
 
         params["generators"] = contract_generators()
+    if name == "ae_anomaly":
+        from tests.methods.test_ae_anomaly import contract_autoencoder
+
+        params["autoencoder"] = contract_autoencoder()
     if "seed" in inspect.signature(trustmap.get_method(name).__init__).parameters:
         params["seed"] = 0
     return params
+
+
+def model_for(name: str, dims: int, in_channels: int = 1, n_classes: int = 3) -> torch.nn.Module:
+    """The tiny CNN of tests/conftest.py, or for a method that needs trainable attention a
+    tiny ``attention_cnn`` (BatchNorm, ReLU modules, softmax gates) of the same sizes."""
+    if trustmap.get_method(name).needs == "attention":
+        from trustmap.models import create
+
+        model = create("attention_cnn", dims, in_channels, n_classes, width=2, seed=0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.running_mean.uniform_(-0.2, 0.2, generator=torch.Generator().manual_seed(1))
+        return model
+    return make_tiny(dims, in_channels=in_channels, n_classes=n_classes)
 
 
 METHODS = trustmap.list_methods()
@@ -49,7 +70,7 @@ CASES = [(n, d, b) for n in METHODS for d in (2, 3) for b in (1, 3)]
 
 @pytest.mark.parametrize(("name", "dims", "batch"), CASES)
 def test_contract(name: str, dims: int, batch: int) -> None:
-    model = make_tiny(dims, in_channels=2)
+    model = model_for(name, dims, in_channels=2)
     model.train()  # the caller's mode must survive the call
     x = make_input(dims, batch, channels=2)
     x_before = x.clone()
@@ -83,7 +104,7 @@ class Boom(RuntimeError):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("dims", [2, 3])
 def test_no_hooks_after_failure(name: str, dims: int) -> None:
-    model = make_tiny(dims)
+    model = model_for(name, dims)
     model.train()
     x = make_input(dims, 2)
 
@@ -98,7 +119,7 @@ def test_no_hooks_after_failure(name: str, dims: int) -> None:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_float64_and_target_kinds(name: str) -> None:
-    model = make_tiny(2, n_classes=3).double()
+    model = model_for(name, 2, n_classes=3).double()
     x = make_input(2, 2, dtype=torch.float64)
     params = params_for(name)
     by_int = trustmap.get_method(name)(model, **params).explain(x, target=2)

@@ -11,11 +11,13 @@ from monai.networks.nets import DenseNet121, resnet10
 import trustmap
 from tests.conftest import assert_no_hooks
 from tests.counterfactual.helpers import contract_generators
+from tests.methods.test_ae_anomaly import contract_autoencoder
 
 # Few passes: this test is about real architectures (concatenation, residual additions,
 # in-place ReLU modules reused, BatchNorm), not about convergence.
 CHEAP = {
     "cyclegan_am": {"generators": contract_generators()},
+    "ae_anomaly": {"autoencoder": contract_autoencoder()},
     "integrated_gradients": {"n_steps": 2},
     "smoothgrad": {"n_samples": 2},
     "smooth_ig": {"n_samples": 2, "n_steps": 2},
@@ -69,6 +71,12 @@ def test_method_runs_on_monai(models, name, arch, dims):
         params["layer"] = SCORE_CAM_LAYER[arch]
     if "seed" in inspect.signature(trustmap.get_method(name).__init__).parameters:
         params["seed"] = 0
+    if trustmap.get_method(name).needs == "attention":
+        # These networks have no trainable attention: one clear error, nothing left behind.
+        with pytest.raises(ValueError, match="no attention gate"):
+            trustmap.get_method(name)(model, **params).explain(x)
+        assert_no_hooks(model)
+        return
     exp = trustmap.get_method(name)(model, **params).explain(x)
     channels = 1
     assert exp.attributions.shape == (shape[0], channels, *shape[2:])

@@ -16,12 +16,14 @@ from trustmap.models import (
     save_checkpoint,
 )
 
-CLASSIFIERS = ("small_cnn", "resnet18", "densenet121")
+CLASSIFIERS = ("small_cnn", "attention_cnn", "resnet18", "densenet121")
 # densenet121 downsamples 32-fold: 29 pixels per axis is its minimum (tested below); batch 2
 # so that its BatchNorm can train on the 1-pixel final map.
 SHAPES = {
     (2, "small_cnn"): (2, 1, 32, 32),
     (3, "small_cnn"): (1, 1, 16, 32, 32),
+    (2, "attention_cnn"): (2, 1, 32, 32),
+    (3, "attention_cnn"): (2, 1, 16, 32, 32),
     (2, "resnet18"): (2, 1, 32, 32),
     (3, "resnet18"): (2, 1, 16, 32, 32),
     (2, "densenet121"): (2, 1, 32, 32),
@@ -31,6 +33,7 @@ SHAPES = {
 # test fast; the minimum size depends on the downsampling only, not on the width.
 SMALL = {
     "small_cnn": {"width": 8},
+    "attention_cnn": {"width": 4},
     "resnet18": {},
     "densenet121": {"init_features": 16, "growth_rate": 8},
 }
@@ -51,7 +54,17 @@ def _input(shape, seed=0):
 
 
 def test_list_architectures():
-    assert list_architectures() == ["box_localizer", "densenet121", "resnet18", "small_cnn", "unet"]
+    assert list_architectures() == [
+        "attention_cnn",
+        "attention_unet",
+        "autoencoder",
+        "box_localizer",
+        "densenet121",
+        "resnet18",
+        "small_cnn",
+        "unet",
+        "vae",
+    ]
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

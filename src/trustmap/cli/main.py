@@ -302,10 +302,11 @@ def _int(value: str, option: str) -> int:
 
 def _all_methods() -> list[str]:
     """What ``--method all`` means: every method that needs nothing trained beyond the
-    model (``cyclegan_am`` needs generators from ``trustmap counterfactual train``)."""
+    model (``cyclegan_am`` needs trained generators, ``ae_anomaly`` a trained autoencoder,
+    ``attention`` a model with trainable attention)."""
     from trustmap.core.registry import get_method, list_methods
 
-    return [m for m in list_methods() if get_method(m).family != "counterfactual"]
+    return [m for m in list_methods() if not get_method(m).needs]
 
 
 def _register_subcommands() -> None:
@@ -313,6 +314,7 @@ def _register_subcommands() -> None:
     # modules themselves import torch and the data stack lazily inside their commands.
     from trustmap.cli.counterfactual import app as counterfactual_app
     from trustmap.cli.data import app as data_app
+    from trustmap.cli.inspect import inspect
     from trustmap.cli.study import app as study_app
     from trustmap.cli.train import train
     from trustmap.cli.trust import trust
@@ -322,6 +324,7 @@ def _register_subcommands() -> None:
     app.add_typer(study_app, name="study")
     app.command(name="train")(train)
     app.command(name="trust")(trust)
+    app.command(name="inspect")(inspect)
 
 
 _register_subcommands()

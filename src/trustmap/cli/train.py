@@ -41,7 +41,10 @@ def train(
     ] = "cxr-pneumothorax",
     arch: Annotated[
         str,
-        typer.Option(help="small_cnn, resnet18, densenet121; or unet, box_localizer"),
+        typer.Option(
+            help="small_cnn, attention_cnn, resnet18, densenet121; unet, attention_unet, "
+            "box_localizer; or autoencoder, vae (trained on the normal images)"
+        ),
     ] = "small_cnn",
     seed: Annotated[int, typer.Option(help="seeds weights, shuffling and augmentation")] = 0,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
@@ -110,6 +113,8 @@ def _train(
     max_minutes: float | None,
 ) -> None:
 
+    from trustmap.models.ae_training import train_autoencoder
+    from trustmap.models.autoencoders import AUTOENCODERS
     from trustmap.models.training import (
         LOCALIZERS,
         TrainConfig,
@@ -124,7 +129,7 @@ def _train(
         arch = "unet"  # the classifier default means "not chosen" here
     as_localizer = localizer or arch in LOCALIZERS
     if localizer and arch not in LOCALIZERS:
-        raise ValueError(f"--localizer trains unet or box_localizer, not {arch!r}")
+        raise ValueError(f"--localizer trains unet, attention_unet or box_localizer, not {arch!r}")
     overrides: dict[str, Any] = {"device": device, "model_kwargs": model_args, "amp": amp}
     for name, value in (
         ("epochs", epochs),
@@ -141,6 +146,8 @@ def _train(
         overrides["max_seconds"] = max_minutes * 60
     config = TrainConfig(**overrides)
     what = "localizer" if as_localizer else "classifier"
+    if arch in AUTOENCODERS:
+        what = "autoencoder (on the normal images)"
     console.print(
         f"training {what} [bold]{escape(arch)}[/] on {escape(str(dataset))} (seed {seed}) -> "
         f"{escape(str(out))}",
@@ -178,6 +185,8 @@ def _train(
                 bars.update(epoch_task, total=event.epoch, completed=event.epoch)
 
         trainer = train_localizer if as_localizer else train_classifier
+        if arch in AUTOENCODERS:
+            trainer = train_autoencoder
         result = trainer(dataset, arch, out=out, seed=seed, config=config, progress=on_event)
 
     card = result.card
@@ -189,11 +198,12 @@ def _train(
         highlight=False,
     )
     test = card.get("test", {})
-    keys = (
-        ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "mcc")
-        if card.get("kind") == "classifier"
-        else ("dice", "iou", "auprc")
-    )
+    keys = {
+        "classifier": ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy", "f1"),
+        "autoencoder": ("roc_auc", "auprc", "avg_auprc"),
+    }.get(card.get("kind"), ("dice", "iou", "auprc"))
+    if card.get("kind") == "classifier":
+        keys = (*keys, "mcc")
     for key in keys:
         metric = test.get(key)
         if isinstance(metric, dict) and metric.get("value") is not None:

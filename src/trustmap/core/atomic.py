@@ -14,12 +14,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "save_npy_atomic", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_directory",
+    "atomic_path",
+    "save_npy_atomic",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 
 def _suffix(name: str) -> str:
@@ -117,3 +124,63 @@ def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> Path:
         # A file handle, not the name: np.save would append ".npy" to other suffixes.
         np.save(handle, np.asarray(array), allow_pickle=False)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``path``; move it onto ``path`` when the
+    block succeeds, so a reader sees the old directory or the complete new one.
+
+    ``path`` may exist only as an empty directory, unless ``overwrite``: then the old
+    directory is removed once the new one is in place. If the block raises (Ctrl-C
+    included), the temporary directory is removed and ``path`` is left as it was.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is a file, or a non-empty directory without ``overwrite``.
+    """
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output directory {out} exists and is not empty; pass overwrite (--overwrite) to "
+            "replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_dir(out)
+    try:
+        yield temp
+        _replace_dir(temp, out, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _temp_dir(out: Path) -> Path:
+    while True:
+        temp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            temp.mkdir()
+        except FileExistsError:
+            continue
+        return temp
+
+
+def _replace_dir(temp: Path, out: Path, *, overwrite: bool) -> None:
+    """Move the finished ``temp`` onto ``out``; an old ``out`` is removed only afterwards."""
+    if not out.exists():
+        os.replace(temp, out)
+        return
+    if any(out.iterdir()) and not overwrite:
+        # Checked before writing too; something appeared meanwhile.
+        raise ValueError(f"{out} appeared while it was written; not overwritten")
+    trash = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
+    os.replace(out, trash)
+    try:
+        os.replace(temp, out)
+    except BaseException:
+        os.replace(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

@@ -34,6 +34,8 @@ class Explainer:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     output: ClassVar[str] = "input"
+    model_dependent: ClassVar[bool] = True
+    needs: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -17,7 +17,20 @@ if TYPE_CHECKING:
 
 _REGISTRY: dict[str, type[Explainer]] = {}
 
-FAMILIES = ("gradient", "cam", "perturbation", "relevance", "counterfactual")
+FAMILIES = (
+    "gradient",
+    "cam",
+    "perturbation",
+    "relevance",
+    "counterfactual",
+    "attention",
+    "anomaly",
+)
+
+#: What a method may need besides the explained classifier (``Explainer.needs``):
+#: nothing, trainable attention inside the model, a trained autoencoder, or trained
+#: counterfactual generators. ``--method all`` and the demo run the methods that need nothing.
+NEEDS = ("", "attention", "autoencoder", "generators")
 
 E = TypeVar("E", bound="type[Explainer]")
 
@@ -29,6 +42,8 @@ def register(
     summary: str,
     paper: str,
     output: str = "input",
+    model_dependent: bool = True,
+    needs: str = "",
 ) -> Callable[[E], E]:
     """Class decorator that registers an explainer under ``name``.
 
@@ -45,6 +60,13 @@ def register(
     output:
         ``"input"`` when the map has the input's shape ``(B, C, *spatial)``,
         ``"single"`` when it is one channel ``(B, 1, *spatial)`` (CAM methods).
+    model_dependent:
+        Whether the map reads the explained model's weights. False for maps computed by
+        something else (an autoencoder's reconstruction error, counterfactual
+        generators): randomizing the classifier cannot change them, so a randomization
+        test says nothing about them.
+    needs:
+        One of :data:`NEEDS`: what the method needs besides a classifier.
     """
     if not name.isidentifier() or name.lower() != name:
         raise InputError(f"method name {name!r} must be snake_case")
@@ -52,6 +74,8 @@ def register(
         raise InputError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if output not in ("input", "single"):
         raise InputError(f"output must be 'input' or 'single', got {output!r}")
+    if needs not in NEEDS:
+        raise InputError(f"needs must be one of {NEEDS}, got {needs!r}")
 
     def decorator(cls: E) -> E:
         if name in _REGISTRY:
@@ -63,6 +87,8 @@ def register(
         cls.summary = summary
         cls.paper = paper
         cls.output = output
+        cls.model_dependent = bool(model_dependent)
+        cls.needs = needs
         _REGISTRY[name] = cls
         return cls
 

@@ -1,3 +1,11 @@
 """Every explainer family; importing this package registers all methods."""
 
-from trustmap.methods import cam, counterfactual, gradient, perturbation, relevance  # noqa: F401
+from trustmap.methods import (  # noqa: F401
+    anomaly,
+    attention,
+    cam,
+    counterfactual,
+    gradient,
+    perturbation,
+    relevance,
+)

@@ -1,12 +1,15 @@
 """Reference architectures, 2D and 3D, built by name.
 
 >>> model = create("small_cnn", spatial_dims=3, in_channels=1, num_classes=2, width=8)
->>> list_architectures()
-['box_localizer', 'densenet121', 'resnet18', 'small_cnn', 'unet']
+>>> list_architectures()  # doctest: +NORMALIZE_WHITESPACE
+['attention_cnn', 'attention_unet', 'autoencoder', 'box_localizer', 'densenet121',
+ 'resnet18', 'small_cnn', 'unet', 'vae']
 
-Classifiers (``small_cnn``, ``resnet18``, ``densenet121``) return logits ``(B, num_classes)``.
-Localizers (``unet``, ``box_localizer``) return a dense output and add ``target_kind``,
-``loss``, ``localization_map`` (and ``predict_boxes``); see :mod:`trustmap.models.localizers`.
+Classifiers (``small_cnn``, ``attention_cnn``, ``resnet18``, ``densenet121``) return logits
+``(B, num_classes)``. Localizers (``unet``, ``attention_unet``, ``box_localizer``) return a
+dense output and add ``target_kind``, ``loss``, ``localization_map`` (and
+``predict_boxes``); see :mod:`trustmap.models.localizers`. Autoencoders (``autoencoder``,
+``vae``) return the reconstruction; see :mod:`trustmap.models.autoencoders`.
 """
 
 from __future__ import annotations
@@ -113,6 +116,35 @@ def _densenet121(spatial_dims: int, in_channels: int, num_classes: int, **kwargs
     )
 
 
+def _attention_cnn(
+    spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    from trustmap.models.attention import AttentionCNN
+
+    return AttentionCNN(spatial_dims, in_channels, num_classes, **kwargs)
+
+
+def _attention_unet(
+    spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    from trustmap.models.attention import AttentionLocalizer
+
+    _binary_localizer("attention_unet", num_classes)
+    return AttentionLocalizer(spatial_dims, in_channels, **kwargs)
+
+
+def _autoencoder(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from trustmap.models.autoencoders import build_autoencoder
+
+    return build_autoencoder(spatial_dims, in_channels, num_classes, variational=False, **kwargs)
+
+
+def _vae(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    from trustmap.models.autoencoders import build_autoencoder
+
+    return build_autoencoder(spatial_dims, in_channels, num_classes, variational=True, **kwargs)
+
+
 def _unet(spatial_dims: int, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
     _binary_localizer("unet", num_classes)
     return SegmentationLocalizer(spatial_dims, in_channels, **kwargs)
@@ -146,6 +178,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "densenet121": _densenet121,
     "unet": _unet,
     "box_localizer": _box_localizer,
+    "attention_cnn": _attention_cnn,
+    "attention_unet": _attention_unet,
+    "autoencoder": _autoencoder,
+    "vae": _vae,
 }
 
 
@@ -171,8 +207,12 @@ def create(
         One of :func:`list_architectures`: ``small_cnn`` (Katzmann et al.'s (2021) ConvNet; kwarg
         ``width``), ``resnet18`` and ``densenet121`` (MONAI; kwargs go to the MONAI
         constructor), ``unet`` (:class:`~trustmap.models.localizers.SegmentationLocalizer`)
-        and ``box_localizer`` (:class:`~trustmap.models.localizers.BoxLocalizer`, 2D only).
-        ``densenet121`` downsamples 32-fold and needs at least 29 pixels per axis (its
+        and ``box_localizer`` (:class:`~trustmap.models.localizers.BoxLocalizer`, 2D only);
+        ``attention_cnn`` (:class:`~trustmap.models.attention.AttentionCNN`, kwargs
+        ``width``, ``attention_blocks``, ``compatibility``) and ``attention_unet``
+        (:class:`~trustmap.models.attention.AttentionLocalizer`); ``autoencoder`` and
+        ``vae`` (:class:`~trustmap.models.autoencoders.ConvAutoencoder`, ``num_classes``
+        must be 1). ``densenet121`` downsamples 32-fold and needs at least 29 pixels per axis (its
         BatchNorm in training also needs a batch of 2 when the last map is 1 pixel).
     spatial_dims : int
         2 or 3.

@@ -69,8 +69,8 @@ __all__ = [
     "train_localizer",
 ]
 
-CLASSIFIERS = ("small_cnn", "resnet18", "densenet121")
-LOCALIZERS = ("unet", "box_localizer")
+CLASSIFIERS = ("small_cnn", "attention_cnn", "resnet18", "densenet121")
+LOCALIZERS = ("unet", "attention_unet", "box_localizer")
 STATE_FORMAT = "trustmap-train-state"
 STATE_VERSION = 1
 

@@ -744,7 +744,9 @@ def _dry_run(method: str, params: str, dims: int, channels: int, size: int | Non
         for k, v in values.items()
     }
     side = size or 64
-    model = create("small_cnn", dims, channels, 2, seed=0, width=2).eval()
+    # A method that reads trainable attention needs a model that has some.
+    arch = "attention_cnn" if cls.needs == "attention" else "small_cnn"
+    model = create(arch, dims, channels, 2, seed=0, width=2).eval()
     x = torch.linspace(0, 1, channels * side**dims).reshape(1, channels, *(side,) * dims)
     try:
         build(cls, model, checked).explain(x, target=1)

@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the generated data changes for the same arguments.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: concept masks (concepts/); the images are those of version 1
 
 _SPECS: dict[str, PhantomSpec] = {
     spec.name: spec for spec in (PNEUMOTHORAX, PNEUMONIA, CT_NODULE, MRI_BRAIN)

@@ -140,6 +140,8 @@ class Chest:
     pose: Pose
     x: np.ndarray  # canonical X of each pixel
     y: np.ndarray  # canonical Y of each pixel
+    ribs: np.ndarray | None = None  # float32 rib profile (about 1 on a rib's shaft)
+    body: np.ndarray | None = None  # bool: inside the body outline
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -328,7 +330,8 @@ def render_chest(ctx: CXRContext, rng: np.random.Generator) -> Chest:
     density -= 0.1 * ndimage.gaussian_filter(bronchus, 1.2 * unit)
 
     # Ribs and clavicles (bone: brighter), within the body.
-    bone = 0.065 * _ribs(rng, x, y, spine_x) + 0.13 * _clavicles(rng, x, y, spine_x)
+    ribs = _ribs(rng, x, y, spine_x)
+    bone = 0.065 * ribs + 0.13 * _clavicles(rng, x, y, spine_x)
     density += bone * (inside > 0)
 
     # Gastric bubble under the left dome.
@@ -356,7 +359,25 @@ def render_chest(ctx: CXRContext, rng: np.random.Generator) -> Chest:
         pose=pose,
         x=x,
         y=y,
+        ribs=ribs * (inside > 0),
+        body=inside > 0,
     )
+
+
+def concept_masks(chest: Chest) -> dict[str, np.ndarray]:
+    """The anatomical concepts of a chest as bool masks (drawing nothing from any RNG).
+
+    ``lung_fields``: both lungs; ``heart``: the cardiac silhouette (soft outline above
+    one half); ``ribs``: posterior and anterior rib shafts (profile above 0.3, about the
+    visible bone); ``body_outline``: the area inside the body outline (the skin line).
+    """
+    assert chest.ribs is not None and chest.body is not None
+    return {
+        "lung_fields": chest.lungs[0] | chest.lungs[1],
+        "heart": (chest.heart > 0.5) & chest.body,
+        "ribs": chest.ribs > 0.3,
+        "body_outline": chest.body.copy(),
+    }
 
 
 def expose(ctx: CXRContext, rng: np.random.Generator, density: np.ndarray) -> np.ndarray:

@@ -59,6 +59,12 @@ class PhantomCase:
         The case's index, which with the seed determines it.
     token_agrees
         Whether the token sits in the corner of the case's own label (None: no token).
+    concepts
+        Concept masks for network dissection (Bau et al. 2017), bool, the image's shape:
+        the phantom's anatomical concepts (:attr:`PhantomSpec.concepts`), ``lesion`` (the
+        mask) and, with a shortcut token, ``marker`` (the token). Drawn from the same
+        rendering as the image without any random draw of their own, so adding them
+        changed no image.
     """
 
     image: np.ndarray
@@ -69,6 +75,7 @@ class PhantomCase:
     lesion_type: str
     index: int = 0
     token_agrees: bool | None = None
+    concepts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,14 +97,17 @@ class PhantomSpec:
     description: str
     #: ``context(seed, size, difficulty, template) -> object`` shared by all cases of a run.
     context: Callable[..., Any]
-    #: ``render(context, rng, label) -> (image_float, mask, boxes, lesion_type)``
-    render: Callable[..., tuple[np.ndarray, np.ndarray, list, str]]
+    #: ``render(context, rng, label) -> (image_float, mask, boxes, lesion_type, concepts)``
+    #: with ``concepts`` a dict of bool masks named as in :attr:`concepts`.
+    render: Callable[..., tuple[np.ndarray, np.ndarray, list, str, dict[str, np.ndarray]]]
     #: ``finish(context, image_float, token_mask) -> stored array`` (token burned in, cast).
     finish: Callable[..., np.ndarray]
     #: Token values ``(background, letter)`` in the float image's units.
     token_values: tuple[float, float]
     #: Pixel/voxel spacing in mm for a given size (None: unknown, e.g. radiographs).
     spacing: Callable[[tuple[int, ...]], tuple[float, ...] | None] = lambda size: None
+    #: Anatomical concept masks the renderer emits (``lesion`` and ``marker`` come on top).
+    concepts: tuple[str, ...] = ()
     extra_card: dict[str, Any] = field(default_factory=dict)
 
 

@@ -176,6 +176,7 @@ def _render(
     hu = hu * (1.0 - vessel) + (40.0 + rng.normal(0.0, 10.0)) * vessel
     occ, nod_hu, lesion_type, r0 = _nodule(ctx, lesion_rng, label)
     # Chest wall at one edge in a fifth of the patches, clear of the nodule.
+    chest_wall = np.zeros(ctx.shape, dtype=bool)
     if rng.random() < 0.2:
         angle = rng.uniform(0, 2 * np.pi)
         dist = rng.uniform(r0 + 5.0, FOV_MM / 2 + 2.0)
@@ -185,6 +186,7 @@ def _render(
         fat = _sigmoid((s - 1.5) / (0.5 * ctx.mm))
         tissue = -90.0 * wall * (1.0 - fat) + 45.0 * fat
         hu = hu * (1.0 - wall) + tissue
+        chest_wall = wall > 0.5
     hu = hu * (1.0 - occ) + nod_hu * occ
     # CT noise: correlated (reconstruction kernel), 20-35 HU.
     sigma = noise_rng.uniform(20.0, 35.0) * math.sqrt(ctx.difficulty)
@@ -192,7 +194,8 @@ def _render(
     hu = hu + noise * (sigma / 0.4)
     mask = occ > 0.5
     box = bbox(mask)
-    return hu.astype(np.float32), mask, [box] if box else [], lesion_type
+    concepts = {"vessels": (vessel > 0.5) & ~mask, "chest_wall": chest_wall & ~mask}
+    return hu.astype(np.float32), mask, [box] if box else [], lesion_type, concepts
 
 
 def _finish(ctx: CTContext, image: np.ndarray) -> np.ndarray:
@@ -222,5 +225,6 @@ CT_NODULE = PhantomSpec(
     render=_render,
     finish=_finish,
     token_values=(1500.0, -1000.0),
+    concepts=("vessels", "chest_wall"),
     spacing=lambda size: (FOV_MM / max(size),) * 2,
 )

@@ -119,7 +119,7 @@ def pneumothorax(
 
 def _render_pneumothorax(
     ctx: anatomy.CXRContext, rng: np.random.Generator, label: int
-) -> tuple[np.ndarray, np.ndarray, list, str]:
+) -> tuple[np.ndarray, np.ndarray, list, str, dict[str, np.ndarray]]:
     # Separate streams for anatomy, lesion and exposure: the same case rendered with
     # either label differs only by the lesion.
     anatomy_rng, lesion_rng, exposure_rng = rng.spawn(3)
@@ -132,12 +132,13 @@ def _render_pneumothorax(
         density = density + added
         vessels = vessels * keep
     image = anatomy.expose(ctx, exposure_rng, density + vessels)
-    return image, mask, component_boxes(mask, min_size=4), lesion_type
+    concepts = anatomy.concept_masks(chest)
+    return image, mask, component_boxes(mask, min_size=4), lesion_type, concepts
 
 
 def _render_pneumonia(
     ctx: anatomy.CXRContext, rng: np.random.Generator, label: int
-) -> tuple[np.ndarray, np.ndarray, list, str]:
+) -> tuple[np.ndarray, np.ndarray, list, str, dict[str, np.ndarray]]:
     anatomy_rng, rng, exposure_rng = rng.spawn(3)
     chest = anatomy.render_chest(ctx, anatomy_rng)
     density = chest.density
@@ -197,7 +198,7 @@ def _render_pneumonia(
         density = density + rng.uniform(0.24, 0.34) * contrast * opacity
         lesion_type = ("subtle " if subtle else "") + ("multifocal" if len(boxes) > 1 else "focal")
     image = anatomy.expose(ctx, exposure_rng, density + chest.vessels)
-    return image, mask, boxes, lesion_type
+    return image, mask, boxes, lesion_type, anatomy.concept_masks(chest)
 
 
 def _finish(ctx: anatomy.CXRContext, image: np.ndarray) -> np.ndarray:
@@ -216,6 +217,7 @@ _COMMON = {
     "context": _context,
     "finish": _finish,
     "token_values": (0.95, 0.08),
+    "concepts": ("lung_fields", "heart", "ribs", "body_outline"),
 }
 
 PNEUMOTHORAX = PhantomSpec(

@@ -427,7 +427,7 @@ def _render(
     signal = warped * bias
     noisy = np.sqrt((signal + sigma * n1) ** 2 + (sigma * n2) ** 2)  # Rician
     out = np.where(head, noisy, 0.0).astype(np.float32)
-    return out, mask, component_boxes(mask) if label else [], lesion_type
+    return out, mask, component_boxes(mask) if label else [], lesion_type, {"head": head}
 
 
 def _finish(ctx: MRIContext, image: np.ndarray) -> np.ndarray:
@@ -457,5 +457,6 @@ MRI_BRAIN = PhantomSpec(
     render=_render,
     finish=_finish,
     token_values=(1.6, 0.05),
+    concepts=("head",),
     spacing=lambda size: tuple(FOV_MM / s for s in size),
 )

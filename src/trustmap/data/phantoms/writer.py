@@ -9,6 +9,11 @@ Layout (see :mod:`trustmap.data.loaders`, ``FolderDataset``)::
 
     dataset.json  DATASET_CARD.md  manifest.csv  boxes.csv  preview.png
     images/<id>.png|.nii.gz   masks/<id>.png|.nii.gz   masks/<id>_token.png|.nii.gz
+    concepts/<concept>/<id>.png|.nii.gz
+
+``concepts/`` holds the concept masks for network dissection (Bau et al. 2017): one folder
+per concept (the phantom's anatomy, ``lesion`` and, with a shortcut, ``marker``), one mask
+per image where the concept is present (a missing file means an empty mask).
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import secrets
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from trustmap.core.atomic import atomic_directory
 from trustmap.data.phantoms._common import (
     IMAGE,
     LABEL_BLOCK,
@@ -57,7 +61,9 @@ def render_case(
     shortcut: float | None,
 ) -> PhantomCase:
     """Render case ``index``: image from stream (IMAGE, index), token from (TOKEN, index)."""
-    image, mask, boxes, lesion_type = spec.render(context, stream(seed, IMAGE, index), label)
+    image, mask, boxes, lesion_type, anatomy = spec.render(
+        context, stream(seed, IMAGE, index), label
+    )
     token = None
     agrees = None
     if shortcut is not None:
@@ -71,6 +77,13 @@ def render_case(
             # The token covers part of the lesion: it is no longer visible there.
             mask = mask & ~token
             boxes = component_boxes(mask)
+    concepts = dict(anatomy)
+    if token is not None:
+        # What the token covers is not visible under it.
+        concepts = {name: m & ~token for name, m in concepts.items()}
+    concepts["lesion"] = mask
+    if token is not None:
+        concepts["marker"] = token
     return PhantomCase(
         image=spec.finish(context, image),
         label=int(label),
@@ -80,6 +93,7 @@ def render_case(
         lesion_type=lesion_type,
         index=index,
         token_agrees=agrees,
+        concepts=concepts,
     )
 
 
@@ -138,6 +152,11 @@ def _write_case(root: Path, case: PhantomCase, spec: PhantomSpec, width: int) ->
     if case.token_mask is not None:
         token = f"masks/{ident}_token{suffix}"
         _save(root / token, _mask_array(case.token_mask, spec), spec)
+    present = []
+    for name, concept in case.concepts.items():
+        if concept.any():
+            _save(root / "concepts" / name / f"{ident}{suffix}", _mask_array(concept, spec), spec)
+            present.append(name)
     return {
         "index": case.index,
         "image": image,
@@ -148,6 +167,7 @@ def _write_case(root: Path, case: PhantomCase, spec: PhantomSpec, width: int) ->
         "boxes": case.boxes,
         "token_agrees": case.token_agrees,
         "mask_pixels": int(case.mask.sum()),
+        "concepts": present,
     }
 
 
@@ -289,6 +309,7 @@ def _card(
             ),
         }
     lesion_types = Counter(r["lesion_type"] for r in rows if r["lesion_type"])
+    present = Counter(name for r in rows for name in r["concepts"])
     positives = [r["mask_pixels"] for r in rows if r["mask_pixels"]]
     spacing = spec.spacing(size)
     return {
@@ -316,6 +337,18 @@ def _card(
             else None
         ),
         "shortcut": token,
+        "concepts": {
+            "folder": "concepts",
+            "names": list(concept_names(spec, shortcut)),
+            "images_with": {
+                name: int(present.get(name, 0)) for name in concept_names(spec, shortcut)
+            },
+            "note": (
+                "Concept masks for network dissection: concepts/<name>/<image id> holds the "
+                "mask of concept <name> where it is present in that image; no file means an "
+                "empty mask."
+            ),
+        },
         "files": {
             "manifest": "manifest.csv",
             "boxes": "boxes.csv",
@@ -325,6 +358,11 @@ def _card(
         "target_auc": [0.85, 0.98],
         "measured_auc": None,
     }
+
+
+def concept_names(spec: PhantomSpec, shortcut: float | None) -> tuple[str, ...]:
+    """The concept folders a dataset of ``spec`` holds."""
+    return (*spec.concepts, "lesion", *(("marker",) if shortcut is not None else ()))
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -374,6 +412,14 @@ def card_markdown(card: dict[str, Any]) -> str:
         ]
     else:
         lines.append("None.")
+    concepts = card.get("concepts")
+    if concepts:
+        lines += ["", "## Concept masks", ""]
+        lines += [
+            f"- `{name}`: {concepts.get('images_with', {}).get(name, 0)} images"
+            for name in concepts.get("names", [])
+        ]
+        lines += ["", concepts.get("note", "")]
     lines += ["", "## Measured difficulty", ""]
     measured = card.get("measured_auc")
     target = card.get("target_auc") or [0.85, 0.98]
@@ -400,6 +446,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         + (", z, depth" if card.get("spatial_dims") == 3 else "")
         + " (one row per lesion part)",
         "- `preview.png`: examples with lesion masks outlined (red) and tokens (cyan)",
+        "- `concepts/<concept>/<id>`: concept masks for network dissection",
         "",
     ]
     return "\n".join(lines)
@@ -502,16 +549,6 @@ def render_preview(
 # Directory
 
 
-def _temp_dir(out: Path) -> Path:
-    while True:
-        temp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            temp.mkdir()
-        except FileExistsError:
-            continue
-        return temp
-
-
 def write_dataset(
     spec: PhantomSpec,
     out: Path,
@@ -531,11 +568,11 @@ def write_dataset(
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Generate and write the dataset into ``out`` atomically (arguments already checked)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_dir(out)
-    try:
+    with atomic_directory(out, overwrite=overwrite) as temp:
         (temp / "images").mkdir()
         (temp / "masks").mkdir()
+        for name in concept_names(spec, shortcut):
+            (temp / "concepts" / name).mkdir(parents=True)
         rows = _write_cases(
             temp,
             spec,
@@ -579,27 +616,4 @@ def write_dataset(
         chosen = _preview_indices(labels)
         cases = [render_case(spec, context, seed, i, int(labels[i]), shortcut) for i in chosen]
         render_preview(spec, cases, [str(splits[i]) for i in chosen], temp / "preview.png")
-        _replace_dir(temp, out, overwrite=overwrite)
-    except BaseException:
-        # BaseException: Ctrl-C must not leave a half-written dataset either.
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(temp: Path, out: Path, *, overwrite: bool) -> None:
-    """Move the finished ``temp`` onto ``out``; an old ``out`` is removed only afterwards."""
-    if not out.exists():
-        os.replace(temp, out)
-        return
-    if any(out.iterdir()) and not overwrite:
-        # Checked before generating too; something appeared meanwhile.
-        raise ValueError(f"{out} appeared while the dataset was written; not overwritten")
-    trash = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
-    os.replace(out, trash)
-    try:
-        os.replace(temp, out)
-    except BaseException:
-        os.replace(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)

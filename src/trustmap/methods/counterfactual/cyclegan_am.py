@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from trustmap.core.base import Explainer
-from trustmap.core.hooks import model_guard
 from trustmap.core.registry import register
 from trustmap.core.targets import Target, TargetSpec, resolve_target
 from trustmap.counterfactual.networks import (
@@ -21,6 +19,7 @@ from trustmap.counterfactual.networks import (
     CounterfactualGenerators,
     load_generators,
 )
+from trustmap.methods._auxiliary import run_auxiliary
 
 GeneratorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,6 +33,8 @@ GeneratorFn = Callable[[torch.Tensor], torch.Tensor]
         "imaging using cycle-consistent activation maximization"
     ),
     output="input",
+    model_dependent=False,
+    needs="generators",
 )
 class CycleGANAM(Explainer):
     """Counterfactual relevance ``R = G+(x) - G-(x)`` (Katzmann et al. 2021, equation 6).
@@ -166,32 +167,4 @@ def _check_trained_for(
 
 
 def _run(g: GeneratorFn, x: torch.Tensor, name: str) -> torch.Tensor:
-    """``g(x)`` without gradients, in ``g``'s eval mode (restored after), as ``x``'s
-    dtype and device."""
-    guard: Any = contextlib.nullcontext()
-    xin = x
-    if isinstance(g, nn.Module):
-        param = next((p for p in g.parameters() if p.is_floating_point()), None)
-        if param is not None:
-            xin = x.to(device=param.device, dtype=param.dtype)
-        guard = model_guard(g)
-    try:
-        with guard, torch.no_grad():
-            out = g(xin)
-    except RuntimeError as err:
-        # A convolution that meets the wrong channel count or rank fails deep in torch.
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{name} cannot process x of shape {tuple(x.shape)} ({first}); the generators "
-            "were trained for another channel count or dimensionality"
-        ) from err
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name} must return a tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(
-            f"{name} returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; the "
-            "generators were trained for another image size or channel count"
-        )
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} returned NaN or Inf for this input")
-    return out.to(device=x.device, dtype=x.dtype)
+    return run_auxiliary(g, x, name, trained_for="the generators were trained")
