@@ -234,7 +234,7 @@ KILL_AT = [
     ("faithfulness:", None),
 ]
 #: results.json entries that measure the run itself rather than its results.
-VOLATILE = ("timings", "cache")
+VOLATILE = ("timings", "cache", "run_time")
 
 
 def _stable(results_json: Path) -> dict:
